@@ -1,0 +1,121 @@
+"""Request handler classes: ``BaseRequestHandler``, ``StreamRequestHandler``,
+``DatagramRequestHandler``, as in the stdlib.
+
+On a connection the engine accepted, ``rfile`` and ``wfile`` are the engine's own
+buffered reader and writer (``_core.SocketReader``/``_core.SocketWriter``, registered as
+``io.BufferedIOBase``); on a genuine ``socket.socket`` (a server whose ``get_request``
+override returns one) they are the stdlib's ``makefile`` objects.
+"""
+
+from __future__ import annotations
+
+import socket
+from io import BufferedIOBase, BytesIO
+from typing import Any
+
+from . import _core
+
+__all__ = ["BaseRequestHandler", "StreamRequestHandler", "DatagramRequestHandler"]
+
+
+class BaseRequestHandler:
+    """Base class for request handler classes.
+
+    This class is instantiated for each request to be handled. The constructor sets the
+    instance variables ``request``, ``client_address`` and ``server``, and then calls
+    ``setup()``, ``handle()`` and (always) ``finish()``.
+    """
+
+    def __init__(self, request: Any, client_address: Any, server: Any) -> None:
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.setup()
+        try:
+            self.handle()
+        finally:
+            self.finish()
+
+    def setup(self) -> None:
+        pass
+
+    def handle(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class StreamRequestHandler(BaseRequestHandler):
+    """Define self.rfile and self.wfile for stream sockets."""
+
+    # Default buffer sizes for rfile, wfile. The default read buffer size is
+    # io.DEFAULT_BUFFER_SIZE; a write buffer size of 0 sends every write at once.
+    rbufsize = -1
+    wbufsize = 0
+
+    # A timeout to apply to the request socket, if not None.
+    timeout: float | None = None
+
+    # Disable nagle algorithm for this socket, if True.
+    disable_nagle_algorithm = False
+
+    def setup(self) -> None:
+        self.connection = self.request
+        if self.timeout is not None:
+            self.connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = self.connection.makefile("rb", self.rbufsize)
+        if self.wbufsize == 0:
+            if type(self.connection) is _core.Connection:
+                self.wfile = self.connection.makefile("wb", 0)
+            else:
+                self.wfile = _SocketWriter(self.connection)
+        else:
+            self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    def finish(self) -> None:
+        if not self.wfile.closed:
+            try:
+                self.wfile.flush()
+            except OSError:
+                # A final socket error may have occurred here, such as the local error
+                # ECONNABORTED.
+                pass
+        self.wfile.close()
+        self.rfile.close()
+
+
+class _SocketWriter(BufferedIOBase):
+    """Writable BufferedIOBase over a genuine socket, holding nothing in a buffer."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:  # type: ignore[override]
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class DatagramRequestHandler(BaseRequestHandler):
+    """Define self.rfile and self.wfile for datagram sockets."""
+
+    def setup(self) -> None:
+        self.packet, self.socket = self.request
+        self.rfile = BytesIO(self.packet)
+        self.wfile = BytesIO()
+
+    def finish(self) -> None:
+        self.socket.sendto(self.wfile.getvalue(), self.client_address)
+
+
+BufferedIOBase.register(_core.SocketReader)
+BufferedIOBase.register(_core.SocketWriter)

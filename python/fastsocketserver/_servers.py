@@ -1,0 +1,353 @@
+"""Server classes: the stdlib's ``BaseServer`` family on the Rust engine.
+
+The listening socket is a genuine ``socket.socket`` created exactly as the stdlib
+creates it, so every ``server_bind``/``server_activate`` override keeps working. The
+wait for the next request is the engine's (``_core.Reactor``, on mio): it releases the
+GIL once per wait, wakes at once on ``shutdown()``, and, when ``get_request`` is the
+library's own, accepts the connection (or receives the datagram) inside that same wait
+and hands the handler a Rust-owned ``Connection``. When a subclass overrides
+``get_request`` the reactor only reports readiness and the override is called, exactly
+as the stdlib would call it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from time import monotonic as _time
+from typing import Any, Callable
+
+from . import _core
+
+__all__ = ["BaseServer", "TCPServer", "UDPServer", "UnixStreamServer", "UnixDatagramServer"]
+
+#: What ``_next_request`` returns when the listener is readable but the request must be
+#: taken by the (overridden) ``get_request``.
+_READY = object()
+
+
+class BaseServer:
+    """Base class for server classes.
+
+    Methods for the caller: ``__init__(server_address, RequestHandlerClass)``,
+    ``serve_forever(poll_interval=0.5)``, ``shutdown()``, ``handle_request()``,
+    ``fileno()``.
+
+    Methods that may be overridden: ``server_bind()``, ``server_activate()``,
+    ``get_request()``, ``handle_timeout()``, ``verify_request()``, ``server_close()``,
+    ``process_request()``, ``shutdown_request()``, ``close_request()``,
+    ``service_actions()``, ``handle_error()``; for derived classes:
+    ``finish_request()``.
+    """
+
+    timeout: float | None = None
+
+    def __init__(self, server_address: Any, RequestHandlerClass: Callable[..., Any]) -> None:
+        """Constructor.  May be extended, do not override."""
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        self.__is_shut_down = threading.Event()
+        self.__shutdown_request = False
+        self.__reactor: _core.Reactor | None = None
+
+    def server_activate(self) -> None:
+        """Called by constructor to activate the server.  May be overridden."""
+
+    # -- waiting for requests (the engine) ------------------------------------------
+
+    def _reactor(self) -> _core.Reactor:
+        fd = self.fileno()
+        reactor = self.__reactor
+        if reactor is None or reactor.fd != fd:
+            if reactor is not None:
+                reactor.close()
+            sock = getattr(self, "socket", None)
+            if isinstance(sock, socket.socket) and sock.fileno() == fd:
+                family, kind, proto = int(sock.family), int(sock.type), sock.proto
+            else:
+                family, kind, proto = socket.AF_UNSPEC, 0, 0
+            accepting = _library_get_request(self, kind)
+            reactor = _core.Reactor(fd, family, kind, proto, accepting)
+            self.__reactor = reactor
+        return reactor
+
+    def _close_reactor(self) -> None:
+        reactor, self.__reactor = self.__reactor, None
+        if reactor is not None:
+            reactor.close()
+
+    def _next_request(self, timeout: float | None) -> Any:
+        """Wait up to ``timeout`` for the next request.
+
+        Returns None (nothing yet, or woken by ``shutdown()``), ``_READY`` (the listener
+        is readable: call ``get_request``), or ``(request, client_address)`` taken by the
+        engine on the library's own ``get_request`` path.
+        """
+        reactor = self._reactor()
+        if not reactor.accepting:
+            return _READY if reactor.wait(timeout) else None
+        try:
+            if reactor.kind == socket.SOCK_DGRAM:
+                got = reactor.recvfrom(self.max_packet_size, timeout)  # type: ignore[attr-defined]
+                if got is None:
+                    return None
+                data, client_address = got
+                return (data, self.socket), client_address  # type: ignore[attr-defined]
+            return reactor.accept(timeout)
+        except OSError:
+            # get_request() failing is ignored by the stdlib loop too.
+            return None
+
+    # -- the loop --------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Handle one request at a time until shutdown.
+
+        ``poll_interval`` is how often ``service_actions()`` runs while idle;
+        ``shutdown()`` does not wait for it: it wakes the loop at once.
+        """
+        self.__is_shut_down.clear()
+        try:
+            while not self.__shutdown_request:
+                got = self._next_request(poll_interval)
+                if got is not None:
+                    self._handle_got(got)
+                if self.__shutdown_request:
+                    break
+                self.service_actions()
+        finally:
+            self.__shutdown_request = False
+            self.__is_shut_down.set()
+
+    def shutdown(self) -> None:
+        """Stops the serve_forever loop.
+
+        Blocks until the loop has finished. This must be called while serve_forever()
+        is running in another thread, or it will deadlock.
+        """
+        self.__shutdown_request = True
+        reactor = self.__reactor
+        if reactor is not None:
+            reactor.wake()
+        self.__is_shut_down.wait()
+
+    def service_actions(self) -> None:
+        """Called by the serve_forever() loop.  May be overridden."""
+
+    def handle_request(self) -> Any:
+        """Handle one request, possibly blocking.
+
+        Respects self.timeout and the listening socket's timeout (the smaller wins).
+        """
+        timeout = self.socket.gettimeout()  # type: ignore[attr-defined]
+        if timeout is None:
+            timeout = self.timeout
+        elif self.timeout is not None:
+            timeout = min(timeout, self.timeout)
+        if timeout is not None:
+            deadline = _time() + timeout
+        while True:
+            got = self._next_request(timeout)
+            if got is not None:
+                return self._handle_got(got)
+            if timeout is not None:
+                timeout = deadline - _time()
+                if timeout < 0:
+                    return self.handle_timeout()
+
+    def _handle_got(self, got: Any) -> None:
+        if got is _READY:
+            self._handle_request_noblock()
+        else:
+            self._handle_accepted(*got)
+
+    def _handle_request_noblock(self) -> None:
+        """Handle one request, without blocking (the listener is readable)."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return
+        self._handle_accepted(request, client_address)
+
+    def _handle_accepted(self, request: Any, client_address: Any) -> None:
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except:  # noqa: E722 -- SystemExit/KeyboardInterrupt propagate, as in the stdlib
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
+
+    def handle_timeout(self) -> None:
+        """Called if no new request arrives within self.timeout."""
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Verify the request.  Return True if we should proceed with this request."""
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Call finish_request.  Overridden by ForkingMixIn and ThreadingMixIn."""
+        self.finish_request(request, client_address)
+        self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Called to clean-up the server.  May be overridden."""
+        self._close_reactor()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Finish one request by instantiating RequestHandlerClass."""
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Called to shutdown and close an individual request."""
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        """Called to clean up an individual request."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Handle an error gracefully.  May be overridden.
+
+        The default is to print a traceback and continue.
+        """
+        print("-" * 40, file=sys.stderr)
+        print("Exception occurred during processing of request from", client_address, file=sys.stderr)
+        import traceback
+
+        traceback.print_exc()
+        print("-" * 40, file=sys.stderr)
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        self.server_close()
+
+
+class TCPServer(BaseServer):
+    """Base class for various socket-based server classes: synchronous TCP by default.
+
+    Class variables that may be overridden: ``timeout``, ``address_family``,
+    ``socket_type``, ``request_queue_size``, ``allow_reuse_address``,
+    ``allow_reuse_port``. Instance variables: ``server_address``,
+    ``RequestHandlerClass``, ``socket``.
+    """
+
+    address_family = socket.AF_INET
+    socket_type = socket.SOCK_STREAM
+    request_queue_size = 5
+    allow_reuse_address = False
+    allow_reuse_port = False
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Callable[..., Any],
+        bind_and_activate: bool = True,
+    ) -> None:
+        """Constructor.  May be extended, do not override."""
+        BaseServer.__init__(self, server_address, RequestHandlerClass)
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except:  # noqa: E722 -- close on any failure, then re-raise it
+                self.server_close()
+                raise
+
+    def server_bind(self) -> None:
+        """Called by constructor to bind the socket.  May be overridden."""
+        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Called by constructor to activate the server.  May be overridden."""
+        self.socket.listen(self.request_queue_size)
+
+    def server_close(self) -> None:
+        """Called to clean-up the server.  May be overridden."""
+        self._close_reactor()
+        self.socket.close()
+
+    def fileno(self) -> int:
+        """Return socket file number (the interface required by selectors)."""
+        return self.socket.fileno()
+
+    def get_request(self) -> Any:
+        """Get the request and client address from the socket.  May be overridden."""
+        return self.socket.accept()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Called to shutdown and close an individual request."""
+        try:
+            # explicitly shutdown.  socket.close() merely releases the socket and waits
+            # for GC to perform the actual close.
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # some platforms may raise ENOTCONN here
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        """Called to clean up an individual request."""
+        request.close()
+
+
+class UDPServer(TCPServer):
+    """UDP server class."""
+
+    allow_reuse_address = False
+    allow_reuse_port = False
+    socket_type = socket.SOCK_DGRAM
+    max_packet_size = 8192
+
+    def get_request(self) -> Any:
+        data, client_addr = self.socket.recvfrom(self.max_packet_size)
+        return (data, self.socket), client_addr
+
+    def server_activate(self) -> None:
+        # No need to call listen() for UDP.
+        pass
+
+    def shutdown_request(self, request: Any) -> None:
+        # No need to shutdown anything.
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        # No need to close anything.
+        pass
+
+
+class UnixStreamServer(TCPServer):
+    address_family = socket.AF_UNIX
+
+
+class UnixDatagramServer(UDPServer):
+    address_family = socket.AF_UNIX
+
+
+_OWN_GET_REQUEST = {
+    TCPServer.get_request: socket.SOCK_STREAM,
+    UDPServer.get_request: socket.SOCK_DGRAM,
+}
+
+
+def _library_get_request(server: BaseServer, kind: int) -> bool:
+    """True when ``server.get_request`` is the library's own for a socket of ``kind``,
+    so that the engine may accept (or receive) on its behalf."""
+    if "get_request" in vars(server):
+        return False
+    return _OWN_GET_REQUEST.get(getattr(type(server), "get_request", None)) == kind
+
+
+del os

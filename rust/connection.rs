@@ -1,0 +1,590 @@
+//! `Connection`: the socket-like object a request handler receives.
+//!
+//! Rust owns the accepted descriptor (through a [`SocketCore`]); the handler sees an
+//! object with the `socket.socket` methods handlers use. Every call that can wait runs
+//! its system calls inside one GIL release ([`wait::blocking`]). A handler that needs a
+//! genuine `socket.socket` (an `ssl` wrap, say) calls `dup()` for one sharing the
+//! connection, or `detach()` and builds one from the descriptor.
+
+use crate::address;
+use crate::buffer::RawBuffer;
+use crate::descriptor::SocketCore;
+use crate::error::Error;
+use crate::reader::SocketReader;
+use crate::syscall::{self, Mode};
+use crate::wait::blocking;
+use crate::writer::SocketWriter;
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `io.DEFAULT_BUFFER_SIZE`, the buffer size of `makefile()` when none is given.
+pub const DEFAULT_BUFFER_SIZE: usize = 8192;
+
+#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
+pub struct Connection {
+    pub core: Arc<SocketCore>,
+}
+
+impl Connection {
+    pub fn new(fd: RawFd, family: i32, kind: i32, proto: i32) -> Connection {
+        Connection {
+            core: Arc::new(SocketCore::new(fd, family, kind, proto)),
+        }
+    }
+
+    fn name(&self, py: Python<'_>, peer: bool) -> PyResult<Py<PyAny>> {
+        let usage = self.core.begin()?;
+        let addr = syscall::sock_name(usage.fd, peer)?;
+        Ok(address::to_python(py, &addr)?.unbind())
+    }
+}
+
+/// Convert a Python timeout (`None` or seconds) to a mode, as `settimeout` validates it.
+pub fn parse_timeout(value: Option<&Bound<'_, PyAny>>) -> PyResult<Mode> {
+    let Some(value) = value.filter(|v| !v.is_none()) else {
+        return Ok(Mode::Blocking);
+    };
+    let secs: f64 = value.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "'{}' object cannot be interpreted as an integer or float",
+            value
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })?;
+    if secs.is_nan() || secs < 0.0 {
+        return Err(PyValueError::new_err("Timeout value out of range"));
+    }
+    if secs == 0.0 {
+        return Ok(Mode::NonBlocking);
+    }
+    Duration::try_from_secs_f64(secs)
+        .map(Mode::Timeout)
+        .map_err(|_| PyOverflowError::new_err("timeout doesn't fit into C timeval"))
+}
+
+fn mode_to_python(mode: Mode) -> Option<f64> {
+    match mode {
+        Mode::Blocking => None,
+        Mode::NonBlocking => Some(0.0),
+        Mode::Timeout(d) => Some(d.as_secs_f64()),
+    }
+}
+
+fn check_size(n: isize, what: &str) -> PyResult<usize> {
+    if n < 0 {
+        return Err(PyValueError::new_err(format!(
+            "negative buffersize in {what}"
+        )));
+    }
+    Ok(n as usize)
+}
+
+/// Receive into a fresh buffer of at most `size` bytes, inside one release.
+pub fn recv_bytes<'py>(
+    py: Python<'py>,
+    core: &SocketCore,
+    size: usize,
+    flags: i32,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let usage = core.begin()?;
+    let mode = core.mode();
+    let deadline = mode.deadline();
+    let mut buf: Vec<u8> = Vec::new();
+    blocking(py, || {
+        syscall::recv_append(usage.fd, &mut buf, size, flags, mode, deadline).map(|_| ())
+    })?;
+    drop(usage);
+    Ok(PyBytes::new(py, &buf))
+}
+
+/// Send all of `data`, resuming after signals whose handlers do not raise.
+pub fn send_all(py: Python<'_>, core: &SocketCore, data: &[u8], flags: i32) -> PyResult<()> {
+    let usage = core.begin()?;
+    let mode = core.mode();
+    let deadline = mode.deadline();
+    let mut sent = 0usize;
+    blocking(py, || {
+        syscall::send_all(usage.fd, data, &mut sent, flags, mode, deadline)
+    })
+}
+
+#[pymethods]
+impl Connection {
+    #[pyo3(signature = (bufsize, flags = 0))]
+    fn recv<'py>(
+        &self,
+        py: Python<'py>,
+        bufsize: isize,
+        flags: i32,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let size = check_size(bufsize, "recv")?;
+        recv_bytes(py, &self.core, size, flags)
+    }
+
+    #[pyo3(signature = (buffer, nbytes = 0, flags = 0))]
+    fn recv_into(
+        &self,
+        py: Python<'_>,
+        buffer: &Bound<'_, PyAny>,
+        nbytes: isize,
+        flags: i32,
+    ) -> PyResult<usize> {
+        let buf = RawBuffer::get(buffer, true)?;
+        let n = check_size(nbytes, "recv_into")?;
+        if n > buf.len() {
+            return Err(PyValueError::new_err(
+                "buffer too small for requested bytes",
+            ));
+        }
+        let n = if n == 0 { buf.len() } else { n };
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let ptr = buf.ptr();
+        let fd = usage.fd;
+        // SAFETY: `buf` pins `n` writable bytes at `ptr` until after the call.
+        blocking(py, move || unsafe {
+            syscall::recv_raw(fd, ptr.get(), n, flags, mode, deadline)
+        })
+    }
+
+    #[pyo3(signature = (bufsize, flags = 0))]
+    fn recvfrom<'py>(
+        &self,
+        py: Python<'py>,
+        bufsize: isize,
+        flags: i32,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyAny>)> {
+        let size = check_size(bufsize, "recvfrom")?;
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let mut buf = vec![0u8; size];
+        let (n, addr) = blocking(py, || {
+            syscall::recvfrom(usage.fd, &mut buf, flags, mode, deadline)
+        })?;
+        let addr = match self.core.kind {
+            libc::SOCK_STREAM => py.None().into_bound(py),
+            _ => address::to_python(py, &addr)?,
+        };
+        Ok((PyBytes::new(py, &buf[..n]), addr))
+    }
+
+    #[pyo3(signature = (data, flags = 0))]
+    fn send(&self, py: Python<'_>, data: &Bound<'_, PyAny>, flags: i32) -> PyResult<usize> {
+        let buf = RawBuffer::get(data, false)?;
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let bytes = buf.as_slice();
+        blocking(py, || syscall::send(usage.fd, bytes, flags, mode, deadline))
+    }
+
+    #[pyo3(signature = (data, flags = 0))]
+    fn sendall(&self, py: Python<'_>, data: &Bound<'_, PyAny>, flags: i32) -> PyResult<()> {
+        let buf = RawBuffer::get(data, false)?;
+        send_all(py, &self.core, buf.as_slice(), flags)
+    }
+
+    /// `sendto(data, address)` or `sendto(data, flags, address)`.
+    #[pyo3(signature = (data, flags_or_address, address = None))]
+    fn sendto(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        flags_or_address: &Bound<'_, PyAny>,
+        address: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let (flags, address) = match address {
+            Some(a) => (flags_or_address.extract::<i32>()?, a),
+            None => (0, flags_or_address),
+        };
+        let buf = RawBuffer::get(data, false)?;
+        let addr = address::from_python(address, self.core.family)?;
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let bytes = buf.as_slice();
+        blocking(py, || {
+            syscall::sendto(usage.fd, bytes, flags, &addr, mode, deadline)
+        })
+    }
+
+    /// Send a file's contents with `sendfile(2)` when it has a descriptor, else by reading
+    /// it; returns the byte count and leaves the file positioned after the sent data.
+    #[pyo3(signature = (file, offset = 0, count = None))]
+    fn sendfile(
+        &self,
+        py: Python<'_>,
+        file: &Bound<'_, PyAny>,
+        offset: i64,
+        count: Option<i64>,
+    ) -> PyResult<u64> {
+        if offset < 0 {
+            return Err(PyValueError::new_err(format!(
+                "offset must be >= 0, got {offset}"
+            )));
+        }
+        if let Some(c) = count {
+            if c <= 0 {
+                return Err(PyValueError::new_err(format!(
+                    "count must be a positive integer (got {c})"
+                )));
+            }
+        }
+        if let Ok(file_fd) = file
+            .call_method0("fileno")
+            .and_then(|f| f.extract::<RawFd>())
+        {
+            if offset > 0 || file.hasattr("seek")? {
+                file.call_method1("seek", (offset,))?;
+            }
+            let usage = self.core.begin()?;
+            let mode = self.core.mode();
+            let deadline = mode.deadline();
+            let mut off = offset as libc::off_t;
+            let mut total: u64 = 0;
+            let limit = count.map(|c| c as u64);
+            let result = blocking(py, || loop {
+                let want = match limit {
+                    Some(l) if total >= l => return Ok(()),
+                    Some(l) => (l - total).min(1 << 30) as usize,
+                    None => 1 << 30,
+                };
+                // SAFETY: both descriptors are open for the call; off is ours.
+                let n = unsafe { libc::sendfile(usage.fd, file_fd, &mut off, want) };
+                if n > 0 {
+                    total += n as u64;
+                    continue;
+                }
+                if n == 0 {
+                    return Ok(());
+                }
+                let err = Error::last_os();
+                match (&err, mode) {
+                    (Error::Os(libc::EAGAIN), Mode::Timeout(_)) => {
+                        syscall::wait_fd(usage.fd, libc::POLLOUT, deadline)?
+                    }
+                    _ => return Err(err),
+                }
+            });
+            drop(usage);
+            if total > 0 {
+                file.call_method1("seek", (offset as u64 + total,))?;
+            }
+            result?;
+            return Ok(total);
+        }
+        // No descriptor: read and send in blocks, as socket.socket.sendfile falls back.
+        if offset > 0 {
+            file.call_method1("seek", (offset,))?;
+        }
+        let mut total: u64 = 0;
+        loop {
+            let want = match count {
+                Some(c) if total >= c as u64 => break,
+                Some(c) => ((c as u64 - total) as usize).min(1 << 16),
+                None => 1 << 16,
+            };
+            let chunk = file.call_method1("read", (want,))?;
+            let buf = RawBuffer::get(&chunk, false)?;
+            if buf.len() == 0 {
+                break;
+            }
+            send_all(py, &self.core, buf.as_slice(), 0)?;
+            total += buf.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// Like `socket.socket.makefile`: binary modes give the engine's own buffered reader
+    /// and writer; text modes wrap them in `io.TextIOWrapper`.
+    #[pyo3(signature = (mode = "r", buffering = None, *, encoding = None, errors = None, newline = None))]
+    fn makefile<'py>(
+        slf: &Bound<'py, Self>,
+        mode: &str,
+        buffering: Option<isize>,
+        encoding: Option<&str>,
+        errors: Option<&str>,
+        newline: Option<&str>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        if !mode.chars().all(|c| "rwb".contains(c)) {
+            return Err(PyValueError::new_err(format!(
+                "invalid mode {mode:?} (only r, w, b allowed)"
+            )));
+        }
+        let writing = mode.contains('w');
+        let reading = mode.contains('r') || !writing;
+        let binary = mode.contains('b');
+        if reading && writing {
+            return Err(PyValueError::new_err(
+                "fastsocketserver connections make read-only or write-only files; \
+                 call makefile twice, or use dup() for a socket.socket",
+            ));
+        }
+        let size = match buffering {
+            None => DEFAULT_BUFFER_SIZE,
+            Some(n) if n < 0 => DEFAULT_BUFFER_SIZE,
+            Some(n) => n as usize,
+        };
+        if size == 0 && !binary {
+            return Err(PyValueError::new_err("unbuffered streams must be binary"));
+        }
+        let core = slf.get().core.clone();
+        let file: Bound<'py, PyAny> = if reading {
+            Bound::new(py, SocketReader::new(core, size))?.into_any()
+        } else {
+            Bound::new(py, SocketWriter::new(core, size))?.into_any()
+        };
+        if binary {
+            return Ok(file);
+        }
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("encoding", encoding)?;
+        kwargs.set_item("errors", errors)?;
+        kwargs.set_item("newline", newline)?;
+        kwargs.set_item("line_buffering", false)?;
+        let text = py
+            .import("io")?
+            .getattr("TextIOWrapper")?
+            .call((file,), Some(&kwargs))?;
+        text.setattr("mode", mode)?;
+        Ok(text)
+    }
+
+    #[pyo3(signature = (value))]
+    fn settimeout(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        self.core.set_mode(parse_timeout(value)?);
+        Ok(())
+    }
+
+    fn gettimeout(&self) -> Option<f64> {
+        mode_to_python(self.core.mode())
+    }
+
+    #[getter]
+    fn timeout(&self) -> Option<f64> {
+        mode_to_python(self.core.mode())
+    }
+
+    fn setblocking(&self, flag: bool) {
+        self.core.set_mode(if flag {
+            Mode::Blocking
+        } else {
+            Mode::NonBlocking
+        });
+    }
+
+    fn getblocking(&self) -> bool {
+        self.core.mode() != Mode::NonBlocking
+    }
+
+    #[pyo3(signature = (level, optname, value, optlen = None))]
+    fn setsockopt(
+        &self,
+        level: i32,
+        optname: i32,
+        value: &Bound<'_, PyAny>,
+        optlen: Option<u32>,
+    ) -> PyResult<()> {
+        let usage = self.core.begin()?;
+        let rc = if value.is_none() {
+            let len = optlen.ok_or_else(|| {
+                PyTypeError::new_err("setsockopt() takes an optlen with a None value")
+            })?;
+            // SAFETY: a NULL value with a length is what the kernel accepts for this form.
+            unsafe { libc::setsockopt(usage.fd, level, optname, std::ptr::null(), len) }
+        } else if let Ok(v) = value.extract::<i32>() {
+            // SAFETY: an int option value of its size.
+            unsafe {
+                libc::setsockopt(
+                    usage.fd,
+                    level,
+                    optname,
+                    (&v as *const i32).cast(),
+                    std::mem::size_of::<i32>() as u32,
+                )
+            }
+        } else {
+            let buf = RawBuffer::get(value, false)?;
+            let bytes = buf.as_slice();
+            // SAFETY: the buffer is valid for its length.
+            unsafe {
+                libc::setsockopt(
+                    usage.fd,
+                    level,
+                    optname,
+                    bytes.as_ptr().cast(),
+                    bytes.len() as u32,
+                )
+            }
+        };
+        syscall::check(rc)?;
+        Ok(())
+    }
+
+    #[pyo3(signature = (level, optname, buflen = None))]
+    fn getsockopt(
+        &self,
+        py: Python<'_>,
+        level: i32,
+        optname: i32,
+        buflen: Option<usize>,
+    ) -> PyResult<Py<PyAny>> {
+        let usage = self.core.begin()?;
+        match buflen {
+            None | Some(0) => {
+                let mut v: i32 = 0;
+                let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+                // SAFETY: v is an int-sized output.
+                syscall::check(unsafe {
+                    libc::getsockopt(
+                        usage.fd,
+                        level,
+                        optname,
+                        (&mut v as *mut i32).cast(),
+                        &mut len,
+                    )
+                })?;
+                Ok(v.into_pyobject(py)?.into_any().unbind())
+            }
+            Some(n) => {
+                if n > 1024 {
+                    return Err(Error::Os(libc::EINVAL).into());
+                }
+                let mut buf = vec![0u8; n];
+                let mut len = n as libc::socklen_t;
+                // SAFETY: buf is n bytes.
+                syscall::check(unsafe {
+                    libc::getsockopt(usage.fd, level, optname, buf.as_mut_ptr().cast(), &mut len)
+                })?;
+                Ok(PyBytes::new(py, &buf[..len as usize]).into_any().unbind())
+            }
+        }
+    }
+
+    fn getpeername(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.name(py, true)
+    }
+
+    fn getsockname(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.name(py, false)
+    }
+
+    fn shutdown(&self, py: Python<'_>, how: i32) -> PyResult<()> {
+        let usage = self.core.begin()?;
+        // shutdown(2) runs the peer's TCP path: do it detached (DESIGN.md §5).
+        let rc = py.detach(|| unsafe { libc::shutdown(usage.fd, how) });
+        syscall::check(rc)?;
+        Ok(())
+    }
+
+    /// Close the connection; the descriptor itself closes once files made from it close.
+    fn close(&self, py: Python<'_>) {
+        if self.core.owner_close() {
+            py.detach(|| self.core.close_now());
+        }
+    }
+
+    /// Give up the descriptor without closing it and return it.
+    fn detach(&self) -> RawFd {
+        self.core.owner_close();
+        self.core.detach()
+    }
+
+    fn fileno(&self) -> RawFd {
+        self.core.fileno()
+    }
+
+    /// A genuine `socket.socket` on a duplicate of the descriptor.
+    fn dup<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let usage = self.core.begin()?;
+        // SAFETY: duplicating an open descriptor, close-on-exec like Python's sockets.
+        let fd = syscall::check(unsafe { libc::fcntl(usage.fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("fileno", fd)?;
+        let sock = py.import("socket")?.getattr("socket")?.call(
+            (self.core.family, self.core.kind, self.core.proto),
+            Some(&kwargs),
+        );
+        if sock.is_err() {
+            // SAFETY: the duplicate is ours and unused.
+            unsafe { libc::close(fd) };
+        }
+        let sock = sock?;
+        sock.call_method1("settimeout", (self.gettimeout(),))?;
+        Ok(sock)
+    }
+
+    #[getter]
+    fn family<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        py.import("socket")?
+            .getattr("AddressFamily")?
+            .call1((self.core.family,))
+    }
+
+    #[getter]
+    fn r#type<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        py.import("socket")?
+            .getattr("SocketKind")?
+            .call1((self.core.kind,))
+    }
+
+    #[getter]
+    fn proto(&self) -> i32 {
+        self.core.proto
+    }
+
+    #[getter]
+    fn _closed(&self) -> bool {
+        self.core.owner_closed()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) {
+        self.close(py)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let fd = self.core.fileno();
+        let mut s = format!(
+            "<fastsocketserver.Connection fd={fd}, family={}, type={}, proto={}",
+            self.core.family, self.core.kind, self.core.proto
+        );
+        if fd >= 0 {
+            if let Ok(local) = self.name(py, false) {
+                s.push_str(&format!(
+                    ", laddr={}",
+                    local
+                        .bind(py)
+                        .repr()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default()
+                ));
+            }
+            if let Ok(peer) = self.name(py, true) {
+                s.push_str(&format!(
+                    ", raddr={}",
+                    peer.bind(py)
+                        .repr()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        s.push('>');
+        s
+    }
+}

@@ -1,0 +1,216 @@
+//! Shared ownership of one socket descriptor.
+//!
+//! A [`SocketCore`] is shared (behind an `Arc`) by a [`Connection`](crate::connection)
+//! and the reader/writer objects made from it. It owns the descriptor number and
+//! guarantees the two rules of DESIGN.md §11: an operation in flight holds a *use* of
+//! the descriptor, and `close()` while uses are in flight only shuts the socket down
+//! (waking the blocked reader or writer); the real `close(2)` happens when the last use
+//! ends, under the same lock, so a reused descriptor number can never be hit by mistake.
+//!
+//! It also keeps the socket's timeout mode and the `makefile()` reference count that
+//! `socket.socket` keeps (`close()` on the connection defers the real close while files
+//! made from it are open).
+
+use crate::error::{Error, Result};
+use crate::syscall::Mode;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+struct FdState {
+    fd: RawFd,
+    users: u32,
+    pending_close: Option<RawFd>,
+}
+
+pub struct SocketCore {
+    state: Mutex<FdState>,
+    mode: AtomicI64,
+    io_refs: AtomicUsize,
+    owner_closed: AtomicBool,
+    pub family: i32,
+    pub kind: i32,
+    pub proto: i32,
+}
+
+/// One operation's use of the descriptor; the descriptor stays open while it lives.
+pub struct FdUse<'a> {
+    core: &'a SocketCore,
+    pub fd: RawFd,
+}
+
+impl Drop for FdUse<'_> {
+    fn drop(&mut self) {
+        let mut st = self.core.lock();
+        st.users -= 1;
+        if st.users == 0 {
+            if let Some(fd) = st.pending_close.take() {
+                // SAFETY: the descriptor is ours and nobody uses it any more.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+}
+
+impl SocketCore {
+    pub fn new(fd: RawFd, family: i32, kind: i32, proto: i32) -> SocketCore {
+        SocketCore {
+            state: Mutex::new(FdState {
+                fd,
+                users: 0,
+                pending_close: None,
+            }),
+            mode: AtomicI64::new(Mode::Blocking.to_nanos()),
+            io_refs: AtomicUsize::new(0),
+            owner_closed: AtomicBool::new(false),
+            family,
+            kind,
+            proto,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FdState> {
+        // The lock is never held across a wait or a Python call, so poisoning can only
+        // come from a panic between two plain assignments: the state is still valid.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start an operation: the descriptor, kept open until the returned use is dropped.
+    pub fn begin(&self) -> Result<FdUse<'_>> {
+        let mut st = self.lock();
+        if st.fd < 0 {
+            return Err(Error::Os(libc::EBADF));
+        }
+        st.users += 1;
+        Ok(FdUse {
+            core: self,
+            fd: st.fd,
+        })
+    }
+
+    /// The descriptor number, or -1 once closed or detached.
+    pub fn fileno(&self) -> RawFd {
+        self.lock().fd
+    }
+
+    pub fn mode(&self) -> Mode {
+        Mode::from_nanos(self.mode.load(Ordering::Relaxed))
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode.to_nanos(), Ordering::Relaxed)
+    }
+
+    /// Close the descriptor now, or, while operations are in flight, shut it down to wake
+    /// them and close it when the last one ends. Makes a system call: call it detached.
+    pub fn close_now(&self) {
+        let mut st = self.lock();
+        if st.fd < 0 {
+            return;
+        }
+        let fd = std::mem::replace(&mut st.fd, -1);
+        if st.users > 0 {
+            // SAFETY: fd is still open (its close is deferred to the last user).
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            st.pending_close = Some(fd);
+        } else {
+            // SAFETY: fd is ours and unused.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    /// Give up ownership without closing (`socket.detach()`).
+    pub fn detach(&self) -> RawFd {
+        std::mem::replace(&mut self.lock().fd, -1)
+    }
+
+    /// A file object was made from the connection (`makefile`).
+    pub fn add_io_ref(&self) {
+        self.io_refs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A file object made from the connection was closed. Returns true when the real
+    /// close is now due (the connection itself was closed before).
+    pub fn drop_io_ref(&self) -> bool {
+        let left = self.io_refs.fetch_sub(1, Ordering::AcqRel) - 1;
+        left == 0 && self.owner_closed.load(Ordering::Acquire)
+    }
+
+    /// `close()` on the connection: true when the real close is due now (no file object
+    /// made from it is still open), as `socket.socket.close` decides.
+    pub fn owner_close(&self) -> bool {
+        self.owner_closed.store(true, Ordering::Release);
+        self.io_refs.load(Ordering::Acquire) == 0
+    }
+
+    pub fn owner_closed(&self) -> bool {
+        self.owner_closed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for SocketCore {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.fd >= 0 {
+            // SAFETY: the last owner is gone; nobody else can use the descriptor.
+            unsafe { libc::close(st.fd) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (RawFd, RawFd) {
+        let mut fds = [0; 2];
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+            0
+        );
+        (fds[0], fds[1])
+    }
+
+    fn is_open(fd: RawFd) -> bool {
+        unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    }
+
+    #[test]
+    fn close_while_in_use_is_deferred_to_the_last_user() {
+        let (a, b) = pair();
+        let core = SocketCore::new(a, libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let usage = core.begin().unwrap();
+        core.close_now();
+        assert_eq!(core.fileno(), -1);
+        assert!(is_open(a), "closed under a live use");
+        assert!(matches!(core.begin(), Err(Error::Os(libc::EBADF))));
+        drop(usage);
+        assert!(!is_open(a));
+        unsafe { libc::close(b) };
+    }
+
+    #[test]
+    fn makefile_refs_defer_the_owner_close() {
+        let (a, b) = pair();
+        let core = SocketCore::new(a, libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        core.add_io_ref();
+        assert!(!core.owner_close());
+        assert!(core.drop_io_ref());
+        core.close_now();
+        assert!(!is_open(a));
+        unsafe { libc::close(b) };
+    }
+
+    #[test]
+    fn detach_leaves_the_descriptor_open() {
+        let (a, b) = pair();
+        let core = SocketCore::new(a, libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        assert_eq!(core.detach(), a);
+        drop(core);
+        assert!(is_open(a));
+        unsafe {
+            libc::close(a);
+            libc::close(b);
+        }
+    }
+}

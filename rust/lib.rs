@@ -1,0 +1,36 @@
+//! fastsocketserver's engine: Python's `socketserver` with Rust owning the sockets,
+//! the polling and the dispatch. This file only assembles the Python module; each
+//! concern lives in its own module:
+//!
+//! - [`error`]: the one error type and its conversion to Python exceptions;
+//! - [`syscall`]: the GIL-free system calls, with socket-timeout semantics;
+//! - [`wait`]: one GIL release per wait, EINTR and signal handlers;
+//! - [`descriptor`]: shared ownership of a socket descriptor;
+//! - [`address`]: `sockaddr` to and from Python address objects;
+//! - [`buffer`]: Python bytes-like arguments;
+//! - [`connection`]: the socket-like object handlers receive;
+//! - [`reader`], [`writer`]: the handler's `rfile` and `wfile`;
+//! - [`reactor`]: the server's wait on its listening socket (mio).
+
+pub mod address;
+pub mod buffer;
+pub mod connection;
+pub mod descriptor;
+pub mod error;
+pub mod reactor;
+pub mod reader;
+pub mod syscall;
+pub mod wait;
+pub mod writer;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<connection::Connection>()?;
+    m.add_class::<reader::SocketReader>()?;
+    m.add_class::<writer::SocketWriter>()?;
+    m.add_class::<reactor::Reactor>()?;
+    m.add("DEFAULT_BUFFER_SIZE", connection::DEFAULT_BUFFER_SIZE)?;
+    Ok(())
+}

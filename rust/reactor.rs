@@ -1,0 +1,302 @@
+//! `Reactor`: the server's wait for its listening socket, on `mio`.
+//!
+//! One `mio::Poll` watches the listening socket and a `mio::Waker`. `shutdown()` from
+//! any thread wakes the wait at once (the stdlib waits out `poll_interval`).
+//!
+//! Two ways to use it, decided once per server (DESIGN.md §3):
+//! - *accepting* (the server's `get_request` is the library's own): `accept()` /
+//!   `recvfrom()` wait and take the next connection or datagram inside the same GIL
+//!   release. mio is edge-triggered, so after an event the listener counts as "maybe
+//!   ready" until a non-blocking accept or receive says `EAGAIN`.
+//! - *readiness only* (a subclass overrides `get_request`): `wait()` reports that the
+//!   listener is readable and re-arms it before the next wait, so a second pending
+//!   client raises a new event even though the user's code took only one.
+//!
+//! Descriptor exhaustion (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) on accept backs off
+//! for a short while instead of spinning; the server keeps waiting and retries.
+
+use crate::address;
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use crate::syscall::{self, Mode, RawAddr};
+use crate::wait::{blocking, lock};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// How long to wait before retrying `accept` after running out of descriptors.
+const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
+
+struct PollState {
+    poll: Option<Poll>,
+    events: Events,
+    maybe_ready: bool,
+    rearm: bool,
+    backoff_until: Option<Instant>,
+    datagram: Vec<u8>,
+}
+
+enum Want {
+    Readiness,
+    Accept,
+    Datagram(usize),
+}
+
+enum Outcome {
+    Ready,
+    Accepted(RawFd, RawAddr),
+    Datagram(usize, RawAddr),
+    Woken,
+    TimedOut,
+}
+
+#[pyclass(module = "fastsocketserver._core", frozen)]
+pub struct Reactor {
+    state: Mutex<PollState>,
+    waker: Mutex<Option<Waker>>,
+    fd: RawFd,
+    family: i32,
+    kind: i32,
+    proto: i32,
+    accepting: bool,
+}
+
+fn exhausted(code: i32) -> bool {
+    matches!(
+        code,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+    )
+}
+
+impl Reactor {
+    /// One wait, all of it detached: poll, then take the connection or datagram.
+    fn step(&self, st: &mut PollState, want: &Want, deadline: Option<Instant>) -> Result<Outcome> {
+        let fd = self.fd;
+        let PollState {
+            poll,
+            events,
+            maybe_ready,
+            rearm,
+            backoff_until,
+            datagram,
+        } = st;
+        let poll = poll.as_mut().ok_or(Error::Os(libc::EBADF))?;
+        if *rearm {
+            poll.registry()
+                .reregister(&mut SourceFd(&fd), LISTENER, Interest::READABLE)?;
+            *rearm = false;
+        }
+        loop {
+            let now = Instant::now();
+            if backoff_until.is_some_and(|t| t <= now) {
+                *backoff_until = None;
+            }
+            if *maybe_ready && backoff_until.is_none() {
+                match want {
+                    Want::Readiness => {
+                        *maybe_ready = false;
+                        *rearm = true;
+                        return Ok(Outcome::Ready);
+                    }
+                    Want::Accept => match syscall::accept(fd) {
+                        Ok((conn, addr)) => return Ok(Outcome::Accepted(conn, addr)),
+                        Err(Error::Os(libc::EAGAIN)) => *maybe_ready = false,
+                        Err(Error::Os(code)) if exhausted(code) => {
+                            *backoff_until = Some(now + EXHAUSTED_BACKOFF)
+                        }
+                        Err(Error::Os(libc::ECONNABORTED | libc::EPROTO | libc::EPERM)) => continue,
+                        Err(err) => return Err(err),
+                    },
+                    Want::Datagram(size) => {
+                        datagram.resize(*size, 0);
+                        match syscall::recvfrom(
+                            fd,
+                            datagram,
+                            libc::MSG_DONTWAIT,
+                            Mode::Blocking,
+                            None,
+                        ) {
+                            Ok((n, addr)) => return Ok(Outcome::Datagram(n, addr)),
+                            Err(Error::Os(libc::EAGAIN)) => *maybe_ready = false,
+                            Err(err) => return Err(err),
+                        }
+                    }
+                }
+            }
+            let wait_until = match (deadline, *backoff_until) {
+                (Some(d), Some(b)) => Some(d.min(b)),
+                (d, b) => d.or(b),
+            };
+            if let Some(d) = deadline {
+                if d <= now && !*maybe_ready {
+                    // Still look once without waiting, as select() with a zero timeout does.
+                    poll.poll(events, Some(Duration::ZERO))?;
+                    if !self.note_events(events, maybe_ready) && !*maybe_ready {
+                        return Ok(Outcome::TimedOut);
+                    }
+                    if events.iter().any(|e| e.token() == WAKER) {
+                        return Ok(Outcome::Woken);
+                    }
+                    continue;
+                }
+            }
+            let timeout = wait_until.map(|t| t.saturating_duration_since(now));
+            poll.poll(events, timeout)?;
+            if self.note_events(events, maybe_ready) {
+                if events.iter().any(|e| e.token() == WAKER) {
+                    return Ok(Outcome::Woken);
+                }
+            }
+        }
+    }
+
+    /// Record the events; true if there were any.
+    fn note_events(&self, events: &Events, maybe_ready: &mut bool) -> bool {
+        let mut any = false;
+        for ev in events.iter() {
+            any = true;
+            if ev.token() == LISTENER {
+                *maybe_ready = true;
+            }
+        }
+        any
+    }
+
+    fn run(&self, py: Python<'_>, want: Want, timeout: Option<f64>) -> PyResult<Outcome> {
+        let deadline = match timeout {
+            None => None,
+            Some(t) if t.is_nan() || t < 0.0 => Some(Instant::now()),
+            Some(t) => Some(
+                Instant::now()
+                    + Duration::try_from_secs_f64(t)
+                        .map_err(|_| PyValueError::new_err("timeout too large"))?,
+            ),
+        };
+        let mut st = lock(py, &self.state);
+        let st = &mut *st;
+        blocking(py, || self.step(st, &want, deadline))
+    }
+}
+
+#[pymethods]
+impl Reactor {
+    /// Watch listening socket `fd`. With `accepting`, the reactor itself accepts
+    /// connections (the socket is put in non-blocking mode) or receives datagrams.
+    #[new]
+    #[pyo3(signature = (fd, family, kind, proto, accepting))]
+    fn new(fd: RawFd, family: i32, kind: i32, proto: i32, accepting: bool) -> PyResult<Reactor> {
+        if accepting && kind == libc::SOCK_STREAM {
+            syscall::set_nonblocking(fd, true)?;
+        }
+        let poll = Poll::new().map_err(Error::from)?;
+        poll.registry()
+            .register(&mut SourceFd(&fd), LISTENER, Interest::READABLE)
+            .map_err(Error::from)?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(Error::from)?;
+        Ok(Reactor {
+            state: Mutex::new(PollState {
+                poll: Some(poll),
+                events: Events::with_capacity(8),
+                maybe_ready: false,
+                rearm: false,
+                backoff_until: None,
+                datagram: Vec::new(),
+            }),
+            waker: Mutex::new(Some(waker)),
+            fd,
+            family,
+            kind,
+            proto,
+            accepting,
+        })
+    }
+
+    /// Wait until the listening socket is readable: True, or False on timeout or wake.
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        Ok(matches!(
+            self.run(py, Want::Readiness, timeout)?,
+            Outcome::Ready
+        ))
+    }
+
+    /// Wait for and accept one connection: `(Connection, address)`, or None on timeout
+    /// or wake.
+    #[pyo3(signature = (timeout = None))]
+    fn accept(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<(Connection, Py<PyAny>)>> {
+        match self.run(py, Want::Accept, timeout)? {
+            Outcome::Accepted(fd, addr) => {
+                let conn = Connection::new(fd, self.family, libc::SOCK_STREAM, self.proto);
+                Ok(Some((conn, address::to_python(py, &addr)?.unbind())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Wait for and receive one datagram of at most `bufsize` bytes (longer ones are
+    /// truncated): `(data, address)`, or None on timeout or wake.
+    #[pyo3(signature = (bufsize, timeout = None))]
+    fn recvfrom<'py>(
+        &self,
+        py: Python<'py>,
+        bufsize: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<(Bound<'py, PyBytes>, Bound<'py, PyAny>)>> {
+        match self.run(py, Want::Datagram(bufsize), timeout)? {
+            Outcome::Datagram(n, addr) => {
+                let st = lock(py, &self.state);
+                let data = PyBytes::new(py, &st.datagram[..n]);
+                drop(st);
+                Ok(Some((data, address::to_python(py, &addr)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Wake the current (or next) wait; it returns None/False.
+    fn wake(&self, py: Python<'_>) -> PyResult<()> {
+        let waker = lock(py, &self.waker);
+        if let Some(w) = waker.as_ref() {
+            py.detach(|| w.wake()).map_err(Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// Release the poller and the waker (the listening socket is not ours to close).
+    fn close(&self, py: Python<'_>) {
+        lock(py, &self.waker).take();
+        let mut st = lock(py, &self.state);
+        if let Some(poll) = st.poll.take() {
+            let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
+        }
+    }
+
+    /// The socket type of the listening socket (`SOCK_STREAM` or `SOCK_DGRAM`).
+    #[getter]
+    fn kind(&self) -> i32 {
+        self.kind
+    }
+
+    /// The listening socket's descriptor.
+    #[getter]
+    fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// True when the reactor accepts connections (receives datagrams) itself.
+    #[getter]
+    fn accepting(&self) -> bool {
+        self.accepting
+    }
+}

@@ -1,0 +1,437 @@
+//! `SocketReader`: the handler's `rfile`, an `io.BufferedReader` over the connection.
+//!
+//! Reads are served from the buffer with no system call and no GIL release whenever the
+//! data is there; otherwise one release covers the `recv` that waits (DESIGN.md §5).
+//! Semantics follow `socket.makefile('rb', n)`: `read(n)` waits for `n` bytes or EOF,
+//! `read1` returns what one receive gives, `readline(limit)`, `readlines(hint)`,
+//! `readinto`, `peek`, iteration. A buffer size of 0 gives the unbuffered `SocketIO`
+//! behaviour (one `recv` per `read`, `readline` never reads past the newline). After a
+//! timeout the reader refuses further reads, as `socket.SocketIO` does.
+
+use crate::buffer::RawBuffer;
+use crate::descriptor::SocketCore;
+use crate::error::Error;
+use crate::syscall;
+use crate::wait::{blocking, lock};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// How much `read()` asks the kernel for at a time when reading to end of stream.
+const READALL_CHUNK: usize = 64 * 1024;
+
+pub struct ReaderState {
+    buf: Vec<u8>,
+    pos: usize,
+    /// Bytes from `pos` already searched for a newline without success.
+    scanned: usize,
+    closed: bool,
+    timed_out: bool,
+}
+
+impl ReaderState {
+    fn available(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> &[u8] {
+        let start = self.pos;
+        self.pos += n;
+        self.scanned = self.scanned.saturating_sub(n);
+        &self.buf[start..start + n]
+    }
+
+    fn reset_if_empty(&mut self) {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            self.scanned = 0;
+        }
+    }
+}
+
+#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
+pub struct SocketReader {
+    core: Arc<SocketCore>,
+    bufsize: usize,
+    state: Mutex<ReaderState>,
+}
+
+impl SocketReader {
+    pub fn new(core: Arc<SocketCore>, bufsize: usize) -> SocketReader {
+        core.add_io_ref();
+        SocketReader {
+            core,
+            bufsize,
+            state: Mutex::new(ReaderState {
+                buf: Vec::new(),
+                pos: 0,
+                scanned: 0,
+                closed: false,
+                timed_out: false,
+            }),
+        }
+    }
+
+    fn raw(&self) -> bool {
+        self.bufsize == 0
+    }
+
+    fn open_state(&self, py: Python<'_>, what: &str) -> PyResult<MutexGuard<'_, ReaderState>> {
+        let st = lock(py, &self.state);
+        if st.closed {
+            return Err(PyValueError::new_err(format!("{what} of closed file")));
+        }
+        Ok(st)
+    }
+
+    /// Receive up to `max` more bytes into the buffer, inside one GIL release.
+    /// Returns 0 at end of stream.
+    fn fill(&self, py: Python<'_>, st: &mut ReaderState, max: usize) -> PyResult<usize> {
+        if st.timed_out {
+            return Err(PyOSError::new_err("cannot read from timed out object"));
+        }
+        if st.pos > 0 && st.pos == st.buf.len() {
+            st.buf.clear();
+            st.pos = 0;
+        } else if st.pos > 0 && st.buf.capacity() - st.buf.len() < max {
+            st.buf.drain(..st.pos);
+            st.pos = 0;
+        }
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let fd = usage.fd;
+        let buf = &mut st.buf;
+        let result = blocking(py, || syscall::recv_append(fd, buf, max, 0, mode, deadline));
+        if let Err(err) = &result {
+            if err.is_instance_of::<pyo3::exceptions::PyTimeoutError>(py) {
+                st.timed_out = true;
+            }
+        }
+        result
+    }
+
+    /// Buffer at least `n` bytes (or all there is before EOF); returns what is buffered.
+    fn fill_to(&self, py: Python<'_>, st: &mut ReaderState, n: usize) -> PyResult<usize> {
+        while st.available() < n {
+            let want = (n - st.available()).max(self.bufsize);
+            if self.fill(py, st, want)? == 0 {
+                break;
+            }
+        }
+        Ok(st.available())
+    }
+
+    fn read_all<'py>(
+        &self,
+        py: Python<'py>,
+        st: &mut ReaderState,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        while self.fill(py, st, READALL_CHUNK.max(self.bufsize))? > 0 {}
+        let n = st.available();
+        let out = PyBytes::new(py, st.take(n));
+        st.reset_if_empty();
+        Ok(out)
+    }
+
+    fn read_n<'py>(
+        &self,
+        py: Python<'py>,
+        st: &mut ReaderState,
+        n: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let have = if self.raw() && st.available() == 0 && n > 0 {
+            self.fill(py, st, n)?
+        } else if self.raw() {
+            st.available()
+        } else {
+            self.fill_to(py, st, n)?
+        };
+        let out = PyBytes::new(py, st.take(have.min(n)));
+        st.reset_if_empty();
+        Ok(out)
+    }
+
+    fn read1_n<'py>(
+        &self,
+        py: Python<'py>,
+        st: &mut ReaderState,
+        n: Option<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let n = n.unwrap_or(if self.raw() {
+            crate::connection::DEFAULT_BUFFER_SIZE
+        } else {
+            self.bufsize
+        });
+        if n > 0 && st.available() == 0 {
+            self.fill(py, st, n.max(self.bufsize))?;
+        }
+        let k = st.available().min(n);
+        let out = PyBytes::new(py, st.take(k));
+        st.reset_if_empty();
+        Ok(out)
+    }
+
+    fn readline_limit<'py>(
+        &self,
+        py: Python<'py>,
+        st: &mut ReaderState,
+        limit: Option<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        loop {
+            let avail = &st.buf[st.pos..];
+            let end = avail.len().min(limit.unwrap_or(usize::MAX));
+            if let Some(i) = avail[st.scanned.min(end)..end]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                let n = st.scanned.min(end) + i + 1;
+                st.scanned = 0;
+                let out = PyBytes::new(py, st.take(n));
+                st.reset_if_empty();
+                return Ok(out);
+            }
+            if limit.is_some_and(|l| avail.len() >= l) {
+                st.scanned = 0;
+                let out = PyBytes::new(py, st.take(end));
+                st.reset_if_empty();
+                return Ok(out);
+            }
+            st.scanned = avail.len();
+            let want = if self.raw() { 1 } else { self.bufsize };
+            if self.fill(py, st, want)? == 0 {
+                st.scanned = 0;
+                let n = st.available();
+                let out = PyBytes::new(py, st.take(n));
+                st.reset_if_empty();
+                return Ok(out);
+            }
+        }
+    }
+
+    fn copy_into(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>, one: bool) -> PyResult<usize> {
+        let target = RawBuffer::get(buffer, true)?;
+        let mut st = self.open_state(py, "readinto")?;
+        let want = target.len();
+        let have = if one {
+            if want > 0 && st.available() == 0 {
+                self.fill(py, &mut st, want.max(self.bufsize))?;
+            }
+            st.available()
+        } else if self.raw() && st.available() == 0 && want > 0 {
+            self.fill(py, &mut st, want)?
+        } else if self.raw() {
+            st.available()
+        } else {
+            self.fill_to(py, &mut st, want)?
+        };
+        let n = have.min(want);
+        let src = st.take(n);
+        // SAFETY: the target buffer is writable for `want >= n` bytes and pinned by `target`.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), target.ptr().get(), n) };
+        st.reset_if_empty();
+        Ok(n)
+    }
+
+    fn release(&self, py: Python<'_>) {
+        let mut st = lock(py, &self.state);
+        if st.closed {
+            return;
+        }
+        st.closed = true;
+        st.buf = Vec::new();
+        st.pos = 0;
+        drop(st);
+        if self.core.drop_io_ref() {
+            py.detach(|| self.core.close_now());
+        }
+    }
+}
+
+fn size_arg(size: Option<isize>) -> Option<usize> {
+    size.filter(|&n| n >= 0).map(|n| n as usize)
+}
+
+#[pymethods]
+impl SocketReader {
+    #[pyo3(signature = (size = None))]
+    fn read<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut st = self.open_state(py, "read")?;
+        match size_arg(size) {
+            None => self.read_all(py, &mut st),
+            Some(n) => self.read_n(py, &mut st, n),
+        }
+    }
+
+    #[pyo3(signature = (size = None))]
+    fn read1<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut st = self.open_state(py, "read")?;
+        self.read1_n(py, &mut st, size_arg(size))
+    }
+
+    #[pyo3(signature = (size = None))]
+    fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut st = self.open_state(py, "readline")?;
+        self.readline_limit(py, &mut st, size_arg(size))
+    }
+
+    #[pyo3(signature = (hint = None))]
+    fn readlines<'py>(&self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
+        let mut st = self.open_state(py, "readline")?;
+        let hint = size_arg(hint).filter(|&h| h > 0);
+        let lines = PyList::empty(py);
+        let mut total = 0usize;
+        loop {
+            let line = self.readline_limit(py, &mut st, None)?;
+            let n = line.as_bytes().len();
+            if n == 0 {
+                break;
+            }
+            lines.append(line)?;
+            total += n;
+            if hint.is_some_and(|h| total >= h) {
+                break;
+            }
+        }
+        Ok(lines)
+    }
+
+    fn readinto(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.copy_into(py, buffer, false)
+    }
+
+    fn readinto1(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.copy_into(py, buffer, true)
+    }
+
+    /// Buffered bytes without consuming them; receives once if the buffer is empty.
+    #[pyo3(signature = (size = 0))]
+    fn peek<'py>(&self, py: Python<'py>, size: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let _ = size;
+        let mut st = self.open_state(py, "peek")?;
+        if st.available() == 0 {
+            let want = self.bufsize.max(1);
+            self.fill(py, &mut st, want)?;
+        }
+        Ok(PyBytes::new(py, &st.buf[st.pos..]))
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        slf.get().open_state(slf.py(), "I/O operation").map(drop)?;
+        Ok(slf)
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let mut st = self.open_state(py, "readline")?;
+        let line = self.readline_limit(py, &mut st, None)?;
+        Ok(if line.as_bytes().is_empty() {
+            None
+        } else {
+            Some(line)
+        })
+    }
+
+    fn close(&self, py: Python<'_>) {
+        self.release(py)
+    }
+
+    #[getter]
+    fn closed(&self, py: Python<'_>) -> bool {
+        lock(py, &self.state).closed
+    }
+
+    fn readable(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation").map(drop)?;
+        Ok(true)
+    }
+
+    fn writable(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation").map(drop)?;
+        Ok(false)
+    }
+
+    fn seekable(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation").map(drop)?;
+        Ok(false)
+    }
+
+    fn isatty(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation").map(drop)?;
+        Ok(false)
+    }
+
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.open_state(py, "flush").map(drop)?;
+        Ok(())
+    }
+
+    fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
+        self.open_state(py, "I/O operation").map(drop)?;
+        let fd = self.core.fileno();
+        if fd < 0 {
+            return Err(Error::Os(libc::EBADF).into());
+        }
+        Ok(fd)
+    }
+
+    fn detach(&self, py: Python<'_>) -> PyResult<()> {
+        Err(unsupported(py, "detach"))
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn seek(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        Err(unsupported(py, "seek"))
+    }
+
+    fn tell(&self, py: Python<'_>) -> PyResult<()> {
+        Err(unsupported(py, "tell"))
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        "rb"
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        slf.get().open_state(slf.py(), "I/O operation").map(drop)?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) {
+        self.release(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<fastsocketserver.SocketReader fd={} bufsize={}>",
+            self.core.fileno(),
+            self.bufsize
+        )
+    }
+}
+
+impl Drop for SocketReader {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !st.closed && self.core.drop_io_ref() {
+            self.core.close_now();
+        }
+    }
+}
+
+/// `io.UnsupportedOperation(what)`.
+pub fn unsupported(py: Python<'_>, what: &str) -> PyErr {
+    match py
+        .import("io")
+        .and_then(|io| io.getattr("UnsupportedOperation"))
+    {
+        Ok(cls) => match cls.call1((what,)) {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(e) => e,
+        },
+        Err(e) => e,
+    }
+}

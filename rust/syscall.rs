@@ -1,0 +1,378 @@
+//! The system calls of the engine, with CPython's socket-timeout semantics.
+//!
+//! Nothing here touches Python: every function is meant to run inside one
+//! `Python::detach` (DESIGN.md §5), and reports EINTR as [`Error::Interrupted`] so the
+//! caller can re-attach, run the signal handlers and come back with the same deadline.
+//!
+//! Timeouts never change the descriptor's `O_NONBLOCK` flag: a socket with a timeout
+//! uses `MSG_DONTWAIT` per call and `poll(2)` to wait, a blocking socket makes plain
+//! blocking calls (one syscall per wait, the cheapest path).
+
+use crate::error::{Error, Result};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+/// A socket's timeout mode, as `socket.settimeout` sets it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// `settimeout(None)`: calls block for as long as they need.
+    Blocking,
+    /// `settimeout(0.0)`: calls never wait; they fail with `EAGAIN`.
+    NonBlocking,
+    /// `settimeout(t)`: calls wait at most `t` in all, then raise `TimeoutError`.
+    Timeout(Duration),
+}
+
+impl Mode {
+    /// Encode for an atomic: -1 blocking, otherwise nanoseconds.
+    pub fn to_nanos(self) -> i64 {
+        match self {
+            Mode::Blocking => -1,
+            Mode::NonBlocking => 0,
+            Mode::Timeout(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        }
+    }
+
+    pub fn from_nanos(n: i64) -> Mode {
+        match n {
+            n if n < 0 => Mode::Blocking,
+            0 => Mode::NonBlocking,
+            n => Mode::Timeout(Duration::from_nanos(n as u64)),
+        }
+    }
+
+    /// The deadline of one operation that starts now.
+    pub fn deadline(self) -> Option<Instant> {
+        match self {
+            Mode::Timeout(d) => Some(Instant::now() + d),
+            _ => None,
+        }
+    }
+
+    fn flags(self) -> libc::c_int {
+        match self {
+            Mode::Blocking => 0,
+            _ => libc::MSG_DONTWAIT,
+        }
+    }
+}
+
+/// Milliseconds left until `deadline` for `poll(2)`, rounded up; -1 waits forever.
+pub fn poll_millis(deadline: Option<Instant>) -> libc::c_int {
+    match deadline {
+        None => -1,
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            let ms = left.as_nanos().div_ceil(1_000_000);
+            ms.min(i32::MAX as u128) as libc::c_int
+        }
+    }
+}
+
+/// Wait until `fd` is ready for `events` or the deadline passes.
+pub fn wait_fd(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, poll_millis(deadline)) };
+    match n {
+        n if n < 0 => Err(Error::last_os()),
+        0 => Err(Error::Timeout),
+        _ => Ok(()),
+    }
+}
+
+fn would_block(e: &Error) -> bool {
+    matches!(e, Error::Os(c) if *c == libc::EAGAIN || *c == libc::EWOULDBLOCK)
+}
+
+/// Run `call` (a MSG_DONTWAIT-capable syscall returning a count) under `mode`,
+/// polling for `events` when it would block.
+fn with_mode(
+    fd: RawFd,
+    mode: Mode,
+    deadline: Option<Instant>,
+    events: libc::c_short,
+    mut call: impl FnMut(libc::c_int) -> isize,
+) -> Result<usize> {
+    loop {
+        let n = call(mode.flags());
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = Error::last_os();
+        match mode {
+            Mode::Timeout(_) if would_block(&err) => wait_fd(fd, events, deadline)?,
+            _ => return Err(err),
+        }
+    }
+}
+
+/// `recv(2)` into raw memory.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes for the whole call.
+pub unsafe fn recv_raw(
+    fd: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<usize> {
+    with_mode(fd, mode, deadline, libc::POLLIN, |f| unsafe {
+        libc::recv(fd, ptr.cast(), len, flags | f)
+    })
+}
+
+/// `recv(2)` into a slice.
+pub fn recv(
+    fd: RawFd,
+    buf: &mut [u8],
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<usize> {
+    // SAFETY: the slice is valid for writes of its length.
+    unsafe { recv_raw(fd, buf.as_mut_ptr(), buf.len(), flags, mode, deadline) }
+}
+
+/// `recv(2)` appending up to `max` bytes to `buf` (0 means end of stream).
+pub fn recv_append(
+    fd: RawFd,
+    buf: &mut Vec<u8>,
+    max: usize,
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<usize> {
+    buf.reserve(max);
+    let len = buf.len();
+    // SAFETY: `reserve` made room for `max` bytes past `len`; only received bytes are
+    // exposed by `set_len`.
+    unsafe {
+        let n = recv_raw(fd, buf.as_mut_ptr().add(len), max, flags, mode, deadline)?;
+        buf.set_len(len + n);
+        Ok(n)
+    }
+}
+
+/// `send(2)` once; returns how much the kernel took.
+pub fn send(
+    fd: RawFd,
+    data: &[u8],
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<usize> {
+    with_mode(fd, mode, deadline, libc::POLLOUT, |f| unsafe {
+        libc::send(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            flags | f | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// Send all of `data[*sent..]`, advancing `*sent` as the kernel takes bytes, so that a
+/// caller interrupted by a signal can resume where it stopped.
+pub fn send_all(
+    fd: RawFd,
+    data: &[u8],
+    sent: &mut usize,
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<()> {
+    while *sent < data.len() {
+        *sent += send(fd, &data[*sent..], flags, mode, deadline)?;
+    }
+    Ok(())
+}
+
+/// A raw socket address as the kernel fills it.
+#[derive(Clone, Copy)]
+pub struct RawAddr {
+    pub storage: libc::sockaddr_storage,
+    pub len: libc::socklen_t,
+}
+
+impl RawAddr {
+    pub fn empty() -> RawAddr {
+        RawAddr {
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            storage: unsafe { std::mem::zeroed() },
+            len: std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+        }
+    }
+
+    pub fn as_ptr(&self) -> *const libc::sockaddr {
+        (&self.storage as *const libc::sockaddr_storage).cast()
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut libc::sockaddr {
+        (&mut self.storage as *mut libc::sockaddr_storage).cast()
+    }
+}
+
+/// `accept4(2)` one connection (close-on-exec, blocking mode as Python sockets start).
+pub fn accept(fd: RawFd) -> Result<(RawFd, RawAddr)> {
+    let mut addr = RawAddr::empty();
+    // SAFETY: addr has room for any address; len is in/out.
+    let conn = unsafe { libc::accept4(fd, addr.as_mut_ptr(), &mut addr.len, libc::SOCK_CLOEXEC) };
+    if conn < 0 {
+        Err(Error::last_os())
+    } else {
+        Ok((conn, addr))
+    }
+}
+
+/// `recvfrom(2)` one datagram into `buf`; returns its (possibly truncated) length.
+pub fn recvfrom(
+    fd: RawFd,
+    buf: &mut [u8],
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<(usize, RawAddr)> {
+    let mut addr = RawAddr::empty();
+    let n = with_mode(fd, mode, deadline, libc::POLLIN, |f| {
+        addr.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: buf and addr are valid for their lengths.
+        unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags | f,
+                addr.as_mut_ptr(),
+                &mut addr.len,
+            )
+        }
+    })?;
+    Ok((n, addr))
+}
+
+/// `sendto(2)` one datagram.
+pub fn sendto(
+    fd: RawFd,
+    data: &[u8],
+    flags: libc::c_int,
+    addr: &RawAddr,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<usize> {
+    with_mode(fd, mode, deadline, libc::POLLOUT, |f| unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            flags | f | libc::MSG_NOSIGNAL,
+            addr.as_ptr(),
+            addr.len,
+        )
+    })
+}
+
+/// Check a libc return code.
+pub fn check(rc: libc::c_int) -> Result<libc::c_int> {
+    if rc < 0 {
+        Err(Error::last_os())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Set or clear `O_NONBLOCK` on a descriptor.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> Result<()> {
+    // SAFETY: fcntl on a descriptor we were given; failure is reported.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    if new != flags {
+        check(unsafe { libc::fcntl(fd, libc::F_SETFL, new) })?;
+    }
+    Ok(())
+}
+
+/// `getsockname(2)`/`getpeername(2)`.
+pub fn sock_name(fd: RawFd, peer: bool) -> Result<RawAddr> {
+    let mut addr = RawAddr::empty();
+    // SAFETY: addr has room for any address.
+    let rc = unsafe {
+        if peer {
+            libc::getpeername(fd, addr.as_mut_ptr(), &mut addr.len)
+        } else {
+            libc::getsockname(fd, addr.as_mut_ptr(), &mut addr.len)
+        }
+    };
+    check(rc)?;
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (RawFd, RawFd) {
+        let mut fds = [0; 2];
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        (fds[0], fds[1])
+    }
+
+    #[test]
+    fn timeout_mode_times_out_and_nonblocking_would_block() {
+        let (a, b) = pair();
+        let mut buf = [0u8; 4];
+        let mode = Mode::Timeout(Duration::from_millis(20));
+        let start = Instant::now();
+        assert!(matches!(
+            recv(a, &mut buf, 0, mode, mode.deadline()),
+            Err(Error::Timeout)
+        ));
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        assert!(matches!(
+            recv(a, &mut buf, 0, Mode::NonBlocking, None),
+            Err(Error::Os(libc::EAGAIN))
+        ));
+        let mut sent = 0;
+        send_all(b, b"hi", &mut sent, 0, Mode::Blocking, None).unwrap();
+        assert_eq!(sent, 2);
+        let mut v = Vec::new();
+        assert_eq!(
+            recv_append(a, &mut v, 16, 0, mode, mode.deadline()).unwrap(),
+            2
+        );
+        assert_eq!(v, b"hi");
+        unsafe {
+            libc::close(a);
+            libc::close(b);
+        }
+    }
+
+    #[test]
+    fn mode_round_trips_through_nanos() {
+        for m in [
+            Mode::Blocking,
+            Mode::NonBlocking,
+            Mode::Timeout(Duration::from_millis(1500)),
+        ] {
+            assert_eq!(Mode::from_nanos(m.to_nanos()), m);
+        }
+    }
+
+    #[test]
+    fn poll_millis_rounds_up() {
+        let d = Instant::now() + Duration::from_micros(10);
+        assert!(poll_millis(Some(d)) <= 1);
+        assert_eq!(poll_millis(None), -1);
+    }
+}

@@ -1,0 +1,196 @@
+//! `SocketWriter`: the handler's `wfile`.
+//!
+//! With a buffer size of 0 (the stdlib's `wbufsize` default) it is the stdlib's
+//! `_SocketWriter`: every `write` is sent completely before it returns (inside one GIL
+//! release, resumed after signals whose handlers do not raise) and returns the byte
+//! count. With a buffer size `n > 0` it is a `BufferedWriter`: bytes are queued and sent
+//! when `n` are pending, at `flush()` and at `close()`.
+
+use crate::buffer::RawBuffer;
+use crate::connection::send_all;
+use crate::descriptor::SocketCore;
+use crate::error::Error;
+use crate::reader::unsupported;
+use crate::wait::lock;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+struct WriterState {
+    pending: Vec<u8>,
+    closed: bool,
+}
+
+#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
+pub struct SocketWriter {
+    core: Arc<SocketCore>,
+    bufsize: usize,
+    state: Mutex<WriterState>,
+}
+
+impl SocketWriter {
+    pub fn new(core: Arc<SocketCore>, bufsize: usize) -> SocketWriter {
+        core.add_io_ref();
+        SocketWriter {
+            core,
+            bufsize,
+            state: Mutex::new(WriterState {
+                pending: Vec::new(),
+                closed: false,
+            }),
+        }
+    }
+
+    fn open_state(&self, py: Python<'_>, what: &str) -> PyResult<MutexGuard<'_, WriterState>> {
+        let st = lock(py, &self.state);
+        if st.closed {
+            return Err(PyValueError::new_err(format!("{what} closed file")));
+        }
+        Ok(st)
+    }
+
+    fn flush_pending(&self, py: Python<'_>, st: &mut WriterState) -> PyResult<()> {
+        if st.pending.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut st.pending);
+        let result = send_all(py, &self.core, &data, 0);
+        if result.is_err() {
+            // Keep what was not sent, as BufferedWriter does; the caller sees the error.
+            st.pending = data;
+        }
+        result
+    }
+
+    fn write_bytes(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let mut st = self.open_state(py, "write to")?;
+        if self.bufsize == 0 {
+            return send_all(py, &self.core, data, 0);
+        }
+        st.pending.extend_from_slice(data);
+        if st.pending.len() >= self.bufsize {
+            self.flush_pending(py, &mut st)?;
+        }
+        Ok(())
+    }
+
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = lock(py, &self.state);
+        if st.closed {
+            return Ok(());
+        }
+        let flushed = self.flush_pending(py, &mut st);
+        st.closed = true;
+        st.pending = Vec::new();
+        drop(st);
+        if self.core.drop_io_ref() {
+            py.detach(|| self.core.close_now());
+        }
+        flushed
+    }
+}
+
+#[pymethods]
+impl SocketWriter {
+    /// Send (or queue) all of `data`; returns its length in bytes.
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let buf = RawBuffer::get(data, false)?;
+        self.write_bytes(py, buf.as_slice())?;
+        Ok(buf.len())
+    }
+
+    fn writelines(&self, py: Python<'_>, lines: &Bound<'_, PyAny>) -> PyResult<()> {
+        for line in lines.try_iter()? {
+            let buf = RawBuffer::get(&line?, false)?;
+            self.write_bytes(py, buf.as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.open_state(py, "flush of")?;
+        self.flush_pending(py, &mut st)
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.release(py)
+    }
+
+    #[getter]
+    fn closed(&self, py: Python<'_>) -> bool {
+        lock(py, &self.state).closed
+    }
+
+    fn writable(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation on").map(drop)?;
+        Ok(true)
+    }
+
+    fn readable(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation on").map(drop)?;
+        Ok(false)
+    }
+
+    fn seekable(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation on").map(drop)?;
+        Ok(false)
+    }
+
+    fn isatty(&self, py: Python<'_>) -> PyResult<bool> {
+        self.open_state(py, "I/O operation on").map(drop)?;
+        Ok(false)
+    }
+
+    fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
+        self.open_state(py, "I/O operation on").map(drop)?;
+        let fd = self.core.fileno();
+        if fd < 0 {
+            return Err(Error::Os(libc::EBADF).into());
+        }
+        Ok(fd)
+    }
+
+    fn detach(&self, py: Python<'_>) -> PyResult<()> {
+        Err(unsupported(py, "detach"))
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn read(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        Err(unsupported(py, "read"))
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        "wb"
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        slf.get()
+            .open_state(slf.py(), "I/O operation on")
+            .map(drop)?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.release(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<fastsocketserver.SocketWriter fd={} bufsize={}>",
+            self.core.fileno(),
+            self.bufsize
+        )
+    }
+}
+
+impl Drop for SocketWriter {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !st.closed && self.core.drop_io_ref() {
+            self.core.close_now();
+        }
+    }
+}
