@@ -76,12 +76,12 @@ impl From<Error> for PyErr {
 /// `OSError(errno, strerror)` built now, so that CPython's `OSError.__new__` picks the
 /// subclass for `errno` (a lazily raised `OSError` would keep the base type).
 fn os_error(code: i32) -> PyErr {
-    Python::attach(|py| {
-        match py.get_type::<PyOSError>().call1((code, strerror(code))) {
+    Python::attach(
+        |py| match py.get_type::<PyOSError>().call1((code, strerror(code))) {
             Ok(exc) => PyErr::from_value(exc),
             Err(err) => err,
-        }
-    })
+        },
+    )
 }
 
 impl From<PyErr> for Error {
@@ -102,7 +102,6 @@ impl From<std::io::Error> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn strerror_matches_libc_text() {

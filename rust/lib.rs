@@ -10,13 +10,15 @@
 //! - [`buffer`]: Python bytes-like arguments;
 //! - [`connection`]: the socket-like object handlers receive;
 //! - [`reader`], [`writer`]: the handler's `rfile` and `wfile`;
-//! - [`reactor`]: the server's wait on its listening socket (mio).
+//! - [`reactor`]: the server's wait on its listening socket (mio);
+//! - [`pool`]: the worker threads of `ThreadingMixIn`.
 
 pub mod address;
 pub mod buffer;
 pub mod connection;
 pub mod descriptor;
 pub mod error;
+pub mod pool;
 pub mod reactor;
 pub mod reader;
 pub mod syscall;
@@ -31,6 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::SocketReader>()?;
     m.add_class::<writer::SocketWriter>()?;
     m.add_class::<reactor::Reactor>()?;
+    m.add_class::<pool::WorkerPool>()?;
     m.add("DEFAULT_BUFFER_SIZE", connection::DEFAULT_BUFFER_SIZE)?;
     Ok(())
 }

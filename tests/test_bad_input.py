@@ -12,8 +12,8 @@ import struct
 import pytest
 
 from conftest import (
-    STDLIB, RecordingServerMixin, default_handler, differential, fd_count,
-    get_kind, make_server, names, recv_line, recv_until_eof, serving,
+    STDLIB, RecordingServerMixin, default_handler, differential,
+    get_kind, make_server, names, recv_line, serving,
     settled_fd_count, stream_exchange, wait_for,
 )
 
@@ -43,10 +43,6 @@ def _used_udp_port():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     return s
-
-
-class _H:
-    pass
 
 
 def construct_cases(module, paths):

@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import socket
-import socketserver as stdlib_socketserver
 import threading
 
 import pytest
@@ -23,9 +22,9 @@ import pytest
 from conftest import (
     ALL_KINDS, DGRAM_KINDS, JOIN_TIMEOUT, PY312_NAMES, STDLIB, STREAM_KINDS,
     DatagramFileEchoLogic, DatagramUpperLogic, LineEchoLogic, RecordingServerMixin,
-    RecvEchoLogic, addr_shape, call_with_timeout, default_handler, differential,
-    get_kind, handler_class, make_server, names, normalize_calls, recv_exactly,
-    recv_line, recv_until_eof, serving, stream_exchange, wait_for,
+    RecvEchoLogic, addr_shape, default_handler, differential, get_kind,
+    handler_class, make_server, names, normalize_calls, recv_line, recv_until_eof,
+    serving, stream_exchange, wait_for,
 )
 
 HAS_FORK = hasattr(os, "fork")

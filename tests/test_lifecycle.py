@@ -27,11 +27,10 @@ import time
 import pytest
 
 from conftest import (
-    JOIN_TIMEOUT, STDLIB, STREAM_KINDS, LineEchoLogic, RecordingServerMixin,
-    call_with_timeout, default_handler, differential, fd_count, get_kind,
-    handler_class, make_server, names, normalize_calls, recv_exactly, recv_line,
-    recv_until_eof,
-    serving, settled_fd_count, stream_exchange, wait_for,
+    JOIN_TIMEOUT, STDLIB, STREAM_KINDS, RecordingServerMixin, call_with_timeout,
+    default_handler, differential, fd_count, get_kind, make_server, names,
+    normalize_calls, recv_exactly, recv_line, recv_until_eof, serving,
+    settled_fd_count, stream_exchange, wait_for,
 )
 
 RESCUE_AFTER = 5.0

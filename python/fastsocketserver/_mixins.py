@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any
+
+from . import _core
 
 __all__ = ["ThreadingMixIn", "ForkingMixIn"]
 
@@ -89,29 +92,35 @@ class ForkingMixIn:
         self.collect_children(blocking=self.block_on_close)
 
 
-class _Threads(list):  # type: ignore[type-arg]
-    """Joinable list of all non-daemon threads."""
+class _Threads:
+    """The in-flight requests ``server_close()`` waits for.
+
+    The stdlib keeps the request threads themselves in ``_threads``; here the requests
+    run on a pool's reused threads, so this tracks the pool's unfinished non-daemonic
+    requests: ``len()`` counts them and ``join()`` waits for them (GIL released).
+    """
+
+    def __init__(self, pool: _core.WorkerPool) -> None:
+        self._pool = pool
+
+    def __len__(self) -> int:
+        return self._pool.inflight
 
     def append(self, thread: threading.Thread) -> None:
-        self.reap()
-        if thread.daemon:
-            return
-        super().append(thread)
-
-    def pop_all(self) -> list[threading.Thread]:
-        self[:], result = [], self[:]
-        return result
+        """Accepted for compatibility; requests are tracked by the pool itself."""
 
     def join(self) -> None:
-        for thread in self.pop_all():
-            thread.join()
+        self._pool.join()
 
     def reap(self) -> None:
-        self[:] = (thread for thread in self if thread.is_alive())
+        """Nothing to reap: finished requests leave the count by themselves."""
 
 
 class _NoThreads:
-    """Degenerate version of _Threads."""
+    """Degenerate version of _Threads, used when ``block_on_close`` is false."""
+
+    def __len__(self) -> int:
+        return 0
 
     def append(self, thread: threading.Thread) -> None:
         pass
@@ -120,15 +129,50 @@ class _NoThreads:
         pass
 
 
+#: Live pools, so that interpreter exit can wait for non-daemonic requests (as it waits
+#: for non-daemon threads) and then stop the workers before finalization.
+_live_pools: weakref.WeakSet[_core.WorkerPool] = weakref.WeakSet()
+
+
+def _stop_pools_at_exit() -> None:
+    for pool in list(_live_pools):
+        pool.join()
+    for pool in list(_live_pools):
+        pool.close(timeout=1.0)
+
+
+threading._register_atexit(_stop_pools_at_exit)  # type: ignore[attr-defined]
+
+
 class ThreadingMixIn:
-    """Mix-in class to handle each request in a new thread."""
+    """Mix-in class to handle each request in a new thread.
+
+    Requests run on a pool of worker threads managed by the engine, reused across
+    requests, grown on demand and retired after ``worker_idle_timeout`` seconds idle.
+    ``max_threads`` (an extension; None, the default, is unbounded like the stdlib)
+    caps the concurrent handlers: at the cap the server stops accepting until a handler
+    finishes, and new clients wait in the listen backlog.
+    """
 
     # Decides how threads will act upon termination of the main process.
     daemon_threads = False
     # If true, server_close() waits until all non-daemonic threads terminate.
     block_on_close = True
-    # Threads object used by process_request(); _NoThreads unless block_on_close.
+    # The cap on concurrent handler threads (None: unbounded).
+    max_threads: int | None = None
+    # Seconds an idle worker thread waits for a request before it retires.
+    worker_idle_timeout = 5.0
+    # In-flight requests that server_close() waits for; _NoThreads unless block_on_close.
     _threads: Any = _NoThreads()
+    __pool: _core.WorkerPool | None = None
+
+    def _worker_pool(self) -> _core.WorkerPool:
+        pool = self.__pool
+        if pool is None or pool.closed:
+            pool = _core.WorkerPool(self.max_threads, self.worker_idle_timeout)
+            _live_pools.add(pool)
+            self.__pool = pool
+        return pool
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Same as in BaseServer but as a thread; exception handling is done here."""
@@ -140,14 +184,16 @@ class ThreadingMixIn:
             self.shutdown_request(request)  # type: ignore[attr-defined]
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Start a new thread to process the request."""
-        if self.block_on_close:
-            vars(self).setdefault("_threads", _Threads())
-        t = threading.Thread(target=self.process_request_thread, args=(request, client_address))
-        t.daemon = self.daemon_threads
-        self._threads.append(t)
-        t.start()
+        """Run the request on a worker thread."""
+        pool = self._worker_pool()
+        if self.block_on_close and not isinstance(vars(self).get("_threads"), _Threads):
+            self._threads = _Threads(pool)
+        pool.submit(self.process_request_thread, (request, client_address), not self.daemon_threads)
 
     def server_close(self) -> None:
         super().server_close()  # type: ignore[misc]
         self._threads.join()
+        pool, self.__pool = self.__pool, None
+        if pool is not None:
+            # Idle workers retire at once; daemonic requests still running are not waited for.
+            pool.close(timeout=None if pool.busy == 0 else 0)

@@ -1,0 +1,48 @@
+"""XML-RPC servers on fastsocketserver: ``xmlrpc.server``'s server classes on our engine.
+
+``SimpleXMLRPCServer`` has the constructor and behaviour of
+``xmlrpc.server.SimpleXMLRPCServer`` (the stdlib's ``SimpleXMLRPCDispatcher`` does the
+dispatching and its ``SimpleXMLRPCRequestHandler`` speaks HTTP), on fastsocketserver's
+``TCPServer``; ``ThreadingSimpleXMLRPCServer`` answers each request in its own thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
+
+from . import TCPServer, ThreadingMixIn
+
+__all__ = ["SimpleXMLRPCServer", "ThreadingSimpleXMLRPCServer", "SimpleXMLRPCRequestHandler"]
+
+
+class SimpleXMLRPCServer(TCPServer, SimpleXMLRPCDispatcher):
+    """Simple XML-RPC server: ``register_function``/``register_instance`` and serve.
+
+    Override ``_dispatch`` (from ``SimpleXMLRPCDispatcher``) to change how calls are
+    dispatched, as with the stdlib class.
+    """
+
+    allow_reuse_address = True
+
+    # For debugging only: sends exception and traceback details to the client.
+    _send_traceback_header = False
+
+    def __init__(
+        self,
+        addr: Any,
+        requestHandler: type[SimpleXMLRPCRequestHandler] = SimpleXMLRPCRequestHandler,
+        logRequests: bool = True,
+        allow_none: bool = False,
+        encoding: str | None = None,
+        bind_and_activate: bool = True,
+        use_builtin_types: bool = False,
+    ) -> None:
+        self.logRequests = logRequests
+        SimpleXMLRPCDispatcher.__init__(self, allow_none, encoding, use_builtin_types)
+        TCPServer.__init__(self, addr, requestHandler, bind_and_activate)
+
+
+class ThreadingSimpleXMLRPCServer(ThreadingMixIn, SimpleXMLRPCServer):
+    """``SimpleXMLRPCServer`` answering each request in its own thread."""

@@ -1,0 +1,358 @@
+//! `WorkerPool`: the threads that run `ThreadingMixIn` handlers.
+//!
+//! A pool of Rust-spawned threads that grows on demand (a new thread only when no idle
+//! one can take the request) and shrinks when idle (a thread retires after
+//! `idle_timeout` without work). Each thread attaches to the interpreter once, for its
+//! whole life, and detaches only to wait for work (DESIGN.md §5; the way granian's
+//! blocking pool runs WSGI handlers). Jobs are Python callables with their arguments; an
+//! exception escaping a job goes to `threading.excepthook`, as for a `threading.Thread`.
+//!
+//! An optional cap (`max_threads`) bounds the threads: at the cap `submit` waits,
+//! detached, until a worker is free, so the server stops accepting and new clients wait
+//! in the kernel's backlog instead of costing a thread each.
+//!
+//! Worker threads block asynchronous signals, so SIGINT/SIGTERM reach the main thread
+//! (whose waits they interrupt) and never a worker.
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Stack size of worker threads: what a `threading.Thread` gets by default on Linux.
+const WORKER_STACK: usize = 8 * 1024 * 1024;
+
+struct Job {
+    func: Py<PyAny>,
+    args: Py<PyTuple>,
+    tracked: bool,
+}
+
+#[derive(Default)]
+struct PoolState {
+    queue: VecDeque<Job>,
+    /// Live worker threads.
+    threads: usize,
+    /// Workers waiting for a job.
+    idle: usize,
+    /// Workers spawned that have not yet attached to the interpreter.
+    starting: usize,
+    /// Jobs submitted and not finished (queued or running).
+    busy: usize,
+    /// Of those, the ones `join()` waits for.
+    tracked: usize,
+    /// Threads waiting on `done` (for `join()`, for capacity, for `close()`).
+    done_waiters: usize,
+    closing: bool,
+}
+
+struct Shared {
+    state: Mutex<PoolState>,
+    work: Condvar,
+    done: Condvar,
+    max_threads: Option<usize>,
+    idle_timeout: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // Critical sections only update counters and the queue; never poisoned midway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait (detached) on `done` until `until` holds, or the deadline passes.
+    fn wait_done<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, PoolState>,
+        deadline: Option<Instant>,
+        until: impl Fn(&PoolState) -> bool,
+    ) -> (MutexGuard<'a, PoolState>, bool) {
+        while !until(&st) {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return (st, false);
+            }
+            st.done_waiters += 1;
+            st = match deadline {
+                None => self.done.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    self.done
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+            st.done_waiters -= 1;
+        }
+        (st, true)
+    }
+
+    /// The next job for a worker (detached), or None when it should retire. `first` is
+    /// true on a worker's first call, made once it is attached and ready.
+    fn next_job(&self, first: bool) -> Option<Job> {
+        let mut st = self.lock();
+        if first {
+            st.starting -= 1;
+            if st.done_waiters > 0 {
+                self.done.notify_all();
+            }
+        }
+        loop {
+            if let Some(job) = st.queue.pop_front() {
+                return Some(job);
+            }
+            if st.closing {
+                break;
+            }
+            st.idle += 1;
+            let (guard, timeout) = self
+                .work
+                .wait_timeout(st, self.idle_timeout)
+                .unwrap_or_else(|p| p.into_inner());
+            st = guard;
+            st.idle -= 1;
+            if timeout.timed_out() && st.queue.is_empty() {
+                break;
+            }
+        }
+        st.threads -= 1;
+        if st.done_waiters > 0 {
+            self.done.notify_all();
+        }
+        None
+    }
+
+    fn finished(&self, tracked: bool) {
+        let mut st = self.lock();
+        st.busy -= 1;
+        if tracked {
+            st.tracked -= 1;
+        }
+        if st.done_waiters > 0 {
+            self.done.notify_all();
+        }
+    }
+}
+
+/// The body of one worker thread: attached for life, detached to wait.
+fn worker(shared: Arc<Shared>) {
+    let mut first = true;
+    Python::attach(|py| loop {
+        let Some(job) = py.detach(|| shared.next_job(std::mem::take(&mut first))) else {
+            break;
+        };
+        if let Err(err) = job.func.call1(py, job.args.bind(py).clone()) {
+            report(py, err);
+        }
+        let tracked = job.tracked;
+        drop(job);
+        shared.finished(tracked);
+    });
+}
+
+/// Send an exception that escaped a job to `threading.excepthook`, as a thread would.
+fn report(py: Python<'_>, err: PyErr) {
+    let hooked = (|| -> PyResult<()> {
+        let threading = py.import("threading")?;
+        let value = err.value(py);
+        let args = threading.getattr("ExceptHookArgs")?.call1(((
+            value.get_type(),
+            value,
+            err.traceback(py),
+            py.None(),
+        ),))?;
+        threading.getattr("excepthook")?.call1((args,))?;
+        Ok(())
+    })();
+    if let Err(hook_err) = hooked {
+        hook_err.print(py);
+    }
+}
+
+/// Spawn a worker with every asynchronous signal blocked (it inherits the mask).
+fn spawn_worker(shared: Arc<Shared>) -> std::io::Result<()> {
+    // SAFETY: plain sigset manipulation on local storage; the old mask is restored.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        for sync in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGTRAP,
+            libc::SIGSYS,
+        ] {
+            libc::sigdelset(&mut all, sync);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let spawned = std::thread::Builder::new()
+            .name("fss-worker".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || worker(shared));
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        spawned.map(drop)
+    }
+}
+
+#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
+pub struct WorkerPool {
+    shared: Arc<Shared>,
+}
+
+fn deadline(timeout: Option<f64>) -> Option<Instant> {
+    timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)))
+}
+
+#[pymethods]
+impl WorkerPool {
+    /// A pool of at most `max_threads` threads (None: unbounded, like the stdlib's one
+    /// thread per request); idle threads retire after `idle_timeout` seconds.
+    #[new]
+    #[pyo3(signature = (max_threads = None, idle_timeout = 5.0))]
+    fn new(max_threads: Option<usize>, idle_timeout: f64) -> PyResult<WorkerPool> {
+        if max_threads == Some(0) {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "max_threads must be at least 1 or None",
+            ));
+        }
+        if !(idle_timeout.is_finite() && idle_timeout >= 0.0) {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "idle_timeout must be a finite number >= 0",
+            ));
+        }
+        Ok(WorkerPool {
+            shared: Arc::new(Shared {
+                state: Mutex::new(PoolState::default()),
+                work: Condvar::new(),
+                done: Condvar::new(),
+                max_threads,
+                idle_timeout: Duration::from_secs_f64(idle_timeout),
+            }),
+        })
+    }
+
+    /// Run `func(*args)` on a worker. `tracked` jobs are the ones `join()` waits for.
+    /// At the thread cap, waits (detached) until a worker is free.
+    #[pyo3(signature = (func, args, tracked = true))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        func: Py<PyAny>,
+        args: Py<PyTuple>,
+        tracked: bool,
+    ) -> PyResult<()> {
+        let shared = &*self.shared;
+        let max = shared.max_threads.unwrap_or(usize::MAX);
+        let has_room = |s: &PoolState| s.busy < max || s.closing;
+        let mut st = shared.lock();
+        while !has_room(&st) {
+            drop(st);
+            py.detach(|| drop(shared.wait_done(shared.lock(), None, has_room)));
+            st = shared.lock();
+        }
+        if st.closing {
+            return Err(PyRuntimeError::new_err(
+                "cannot submit to a closed WorkerPool",
+            ));
+        }
+        st.queue.push_back(Job {
+            func,
+            args,
+            tracked,
+        });
+        st.busy += 1;
+        if tracked {
+            st.tracked += 1;
+        }
+        let spawn = st.queue.len() > st.idle + st.starting
+            && shared.max_threads.is_none_or(|m| st.threads < m);
+        if st.idle > 0 {
+            shared.work.notify_one();
+        }
+        if spawn {
+            st.threads += 1;
+            st.starting += 1;
+            drop(st);
+            match spawn_worker(self.shared.clone()) {
+                // Like Thread.start(), return once the new worker runs: it takes the
+                // job at once, and a burst of requests does not spawn a thread each
+                // merely because the new threads had no chance to attach yet.
+                Ok(()) => {
+                    py.detach(|| drop(shared.wait_done(shared.lock(), None, |s| s.starting == 0)))
+                }
+                Err(err) => {
+                    let mut st = shared.lock();
+                    st.threads -= 1;
+                    st.starting -= 1;
+                    // The job stays queued for an existing worker, if there is one.
+                    if st.threads == 0 {
+                        if let Some(job) = st.queue.pop_back() {
+                            st.busy -= 1;
+                            if job.tracked {
+                                st.tracked -= 1;
+                            }
+                        }
+                        return Err(PyRuntimeError::new_err(format!(
+                            "can't start new thread: {err}"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until every tracked job has finished; False if `timeout` passed first.
+    #[pyo3(signature = (timeout = None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
+        let shared = &*self.shared;
+        let until = deadline(timeout);
+        py.detach(|| shared.wait_done(shared.lock(), until, |s| s.tracked == 0).1)
+    }
+
+    /// Stop taking jobs; idle workers retire at once, busy ones after their job. Waits
+    /// up to `timeout` for the threads to end; True if they all did.
+    #[pyo3(signature = (timeout = None))]
+    fn close(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
+        let shared = &*self.shared;
+        let until = deadline(timeout);
+        py.detach(|| {
+            let mut st = shared.lock();
+            st.closing = true;
+            shared.work.notify_all();
+            shared.wait_done(st, until, |s| s.threads == 0).1
+        })
+    }
+
+    /// Tracked jobs not yet finished (what `server_close()` waits for).
+    #[getter]
+    fn inflight(&self) -> usize {
+        self.shared.lock().tracked
+    }
+
+    /// Jobs queued or running.
+    #[getter]
+    fn busy(&self) -> usize {
+        self.shared.lock().busy
+    }
+
+    /// Live worker threads.
+    #[getter]
+    fn threads(&self) -> usize {
+        self.shared.lock().threads
+    }
+
+    #[getter]
+    fn max_threads(&self) -> Option<usize> {
+        self.shared.max_threads
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.shared.lock().closing
+    }
+}
