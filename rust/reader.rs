@@ -291,7 +291,7 @@ impl SocketReader {
             }
             lines.append(line)?;
             total += n;
-            if hint.is_some_and(|h| total >= h) {
+            if hint.is_some_and(|h| total > h) {
                 break;
             }
         }

@@ -112,10 +112,14 @@ class BaseServer:
         try:
             while not self.__shutdown_request:
                 got = self._next_request(poll_interval)
+                if self.__shutdown_request:
+                    # bpo-35017: shutdown() called during the wait: exit at once. A
+                    # connection the engine took in that instant is served, not lost.
+                    if got is not None and got is not _READY:
+                        self._handle_got(got)
+                    break
                 if got is not None:
                     self._handle_got(got)
-                if self.__shutdown_request:
-                    break
                 self.service_actions()
         finally:
             self.__shutdown_request = False
