@@ -27,6 +27,13 @@ pub mod writer;
 
 use pyo3::prelude::*;
 
+/// Panic inside the engine, for tests: a Rust panic must reach Python as
+/// `_core.PanicException`, never abort the process.
+#[pyfunction]
+fn _panic(message: &str) {
+    panic!("{message}");
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<connection::Connection>()?;
@@ -35,5 +42,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reactor::Reactor>()?;
     m.add_class::<pool::WorkerPool>()?;
     m.add("DEFAULT_BUFFER_SIZE", connection::DEFAULT_BUFFER_SIZE)?;
+    m.add(
+        "PanicException",
+        m.py().get_type::<pyo3::panic::PanicException>(),
+    )?;
+    m.add_function(wrap_pyfunction!(_panic, m)?)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ import weakref
 from typing import Any
 
 from . import _core
+from ._servers import _HANDLED
 
 __all__ = ["ThreadingMixIn", "ForkingMixIn"]
 
@@ -79,7 +80,7 @@ class ForkingMixIn:
         try:
             self.finish_request(request, client_address)  # type: ignore[attr-defined]
             status = 0
-        except Exception:
+        except _HANDLED:
             self.handle_error(request, client_address)  # type: ignore[attr-defined]
         finally:
             try:
@@ -178,7 +179,7 @@ class ThreadingMixIn:
         """Same as in BaseServer but as a thread; exception handling is done here."""
         try:
             self.finish_request(request, client_address)  # type: ignore[attr-defined]
-        except Exception:
+        except _HANDLED:
             self.handle_error(request, client_address)  # type: ignore[attr-defined]
         finally:
             self.shutdown_request(request)  # type: ignore[attr-defined]

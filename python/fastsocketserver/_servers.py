@@ -23,6 +23,11 @@ from . import _core
 
 __all__ = ["BaseServer", "TCPServer", "UDPServer", "UnixStreamServer", "UnixDatagramServer"]
 
+#: What the dispatch boundary sends to ``handle_error``: the stdlib's ``Exception``, and
+#: a Rust panic (PyO3's ``PanicException`` derives from ``BaseException``) so that an
+#: engine bug fails one request instead of stopping the server.
+_HANDLED = (Exception, _core.PanicException)
+
 #: What ``_next_request`` returns when the listener is readable but the request must be
 #: taken by the (overridden) ``get_request``.
 _READY = object()
@@ -179,7 +184,7 @@ class BaseServer:
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)
-            except Exception:
+            except _HANDLED:
                 self.handle_error(request, client_address)
                 self.shutdown_request(request)
             except:  # noqa: E722 -- SystemExit/KeyboardInterrupt propagate, as in the stdlib
