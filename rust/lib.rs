@@ -11,17 +11,20 @@
 //! - [`connection`]: the socket-like object handlers receive;
 //! - [`reader`], [`writer`]: the handler's `rfile` and `wfile`;
 //! - [`reactor`]: the server's wait on its listening socket (mio);
-//! - [`pool`]: the worker threads of `ThreadingMixIn`.
+//! - [`pool`]: the worker threads of `ThreadingMixIn`;
+//! - [`event_loop`], [`transport`]: the event-driven path for `asyncio.Protocol`-shaped handlers.
 
 pub mod address;
 pub mod buffer;
 pub mod connection;
 pub mod descriptor;
 pub mod error;
+pub mod event_loop;
 pub mod pool;
 pub mod reactor;
 pub mod reader;
 pub mod syscall;
+pub mod transport;
 pub mod wait;
 pub mod writer;
 
@@ -41,6 +44,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::SocketWriter>()?;
     m.add_class::<reactor::Reactor>()?;
     m.add_class::<pool::WorkerPool>()?;
+    m.add_class::<event_loop::EventLoop>()?;
+    m.add_class::<transport::Transport>()?;
+    m.add_class::<transport::DatagramTransport>()?;
     m.add("DEFAULT_BUFFER_SIZE", connection::DEFAULT_BUFFER_SIZE)?;
     m.add(
         "PanicException",

@@ -105,7 +105,7 @@ impl Reactor {
                         *rearm = true;
                         return Ok(Outcome::Ready);
                     }
-                    Want::Accept => match syscall::accept(fd) {
+                    Want::Accept => match syscall::accept(fd, false) {
                         Ok((conn, addr)) => return Ok(Outcome::Accepted(conn, addr)),
                         Err(Error::Os(libc::EAGAIN)) => *maybe_ready = false,
                         Err(Error::Os(code)) if exhausted(code) => {

@@ -219,11 +219,13 @@ impl RawAddr {
     }
 }
 
-/// `accept4(2)` one connection (close-on-exec, blocking mode as Python sockets start).
-pub fn accept(fd: RawFd) -> Result<(RawFd, RawAddr)> {
+/// `accept4(2)` one connection, close-on-exec; in blocking mode as Python sockets
+/// start, unless `nonblocking` (the event loop's connections).
+pub fn accept(fd: RawFd, nonblocking: bool) -> Result<(RawFd, RawAddr)> {
     let mut addr = RawAddr::empty();
+    let flags = libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: addr has room for any address; len is in/out.
-    let conn = unsafe { libc::accept4(fd, addr.as_mut_ptr(), &mut addr.len, libc::SOCK_CLOEXEC) };
+    let conn = unsafe { libc::accept4(fd, addr.as_mut_ptr(), &mut addr.len, flags) };
     if conn < 0 {
         Err(Error::last_os())
     } else {

@@ -25,6 +25,8 @@ class ForkingMixIn:
 
     timeout: float | None = 300
     active_children: set[int] | None = None
+    # Protocol handlers run on the server's event loop, which forking would duplicate.
+    _serves_protocols = False
     max_children = 40
     # If true, server_close() waits until all child processes complete.
     block_on_close = True

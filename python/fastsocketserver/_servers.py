@@ -20,6 +20,7 @@ from time import monotonic as _time
 from typing import Any, Callable
 
 from . import _core
+from ._handlers import BaseRequestHandler
 
 __all__ = ["BaseServer", "TCPServer", "UDPServer", "UnixStreamServer", "UnixDatagramServer"]
 
@@ -31,6 +32,18 @@ _HANDLED = (Exception, _core.PanicException)
 #: What ``_next_request`` returns when the listener is readable but the request must be
 #: taken by the (overridden) ``get_request``.
 _READY = object()
+#: What ``_next_request`` returns when the event loop ran protocol callbacks itself.
+_DONE = object()
+
+
+def _is_protocol_class(handler: Any) -> bool:
+    """True for an ``asyncio.Protocol``-shaped handler class (run on the event loop)."""
+    if not isinstance(handler, type) or issubclass(handler, BaseRequestHandler):
+        return False
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and issubclass(handler, asyncio.BaseProtocol):
+        return True
+    return hasattr(handler, "data_received") or hasattr(handler, "datagram_received")
 
 
 class BaseServer:
@@ -48,9 +61,21 @@ class BaseServer:
     """
 
     timeout: float | None = None
+    #: Protocol handlers only (an extension): close connections silent this many
+    #: seconds, with ``connection_lost(TimeoutError())``. None keeps them open.
+    idle_timeout: float | None = None
+    # False for servers that cannot run protocol handlers (ForkingMixIn).
+    _serves_protocols = True
 
     def __init__(self, server_address: Any, RequestHandlerClass: Callable[..., Any]) -> None:
         """Constructor.  May be extended, do not override."""
+        if not self._serves_protocols and _is_protocol_class(RequestHandlerClass):
+            raise TypeError(
+                f"{type(self).__name__} cannot run the protocol handler "
+                f"{RequestHandlerClass.__name__}: protocol handlers run on the server's "
+                "event loop, which a forking server would copy into every child; use "
+                "TCPServer/UDPServer or a ThreadingMixIn server"
+            )
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         self.__is_shut_down = threading.Event()
@@ -74,9 +99,35 @@ class BaseServer:
             else:
                 family, kind, proto = socket.AF_UNSPEC, 0, 0
             accepting = _library_get_request(self, kind)
-            reactor = _core.Reactor(fd, family, kind, proto, accepting)
+            if _is_protocol_class(self.RequestHandlerClass):
+                reactor = self._event_loop(fd, family, kind, proto, accepting)
+            else:
+                reactor = _core.Reactor(fd, family, kind, proto, accepting)
             self.__reactor = reactor
         return reactor
+
+    def _event_loop(self, fd: int, family: int, kind: int, proto: int, accepting: bool) -> Any:
+        if not accepting:
+            raise TypeError(
+                "protocol handlers are served by the engine's own accept loop; "
+                f"{type(self).__name__} overrides get_request(), which it cannot call"
+            )
+        verify = None
+        if getattr(type(self), "verify_request", None) is not BaseServer.verify_request or "verify_request" in vars(self):
+            verify = self.verify_request
+        return _core.EventLoop(
+            fd, family, kind, proto, self.RequestHandlerClass, self._protocol_error, verify, self.idle_timeout
+        )
+
+    def _protocol_error(self, request: Any, client_address: Any, exc: BaseException) -> None:
+        """Report an exception a protocol callback raised through ``handle_error``,
+        inside an ``except`` block as the stdlib calls it."""
+        try:
+            raise exc
+        except BaseException:
+            self.handle_error(request, client_address)
+        finally:
+            del exc
 
     def _close_reactor(self) -> None:
         reactor, self.__reactor = self.__reactor, None
@@ -91,6 +142,8 @@ class BaseServer:
         engine on the library's own ``get_request`` path.
         """
         reactor = self._reactor()
+        if type(reactor) is _core.EventLoop:
+            return _DONE if reactor.run_once(timeout) else None
         if not reactor.accepting:
             return _READY if reactor.wait(timeout) else None
         try:
@@ -120,7 +173,7 @@ class BaseServer:
                 if self.__shutdown_request:
                     # bpo-35017: shutdown() called during the wait: exit at once. A
                     # connection the engine took in that instant is served, not lost.
-                    if got is not None and got is not _READY:
+                    if got is not None and got is not _READY and got is not _DONE:
                         self._handle_got(got)
                     break
                 if got is not None:
@@ -169,7 +222,7 @@ class BaseServer:
     def _handle_got(self, got: Any) -> None:
         if got is _READY:
             self._handle_request_noblock()
-        else:
+        elif got is not _DONE:
             self._handle_accepted(*got)
 
     def _handle_request_noblock(self) -> None:

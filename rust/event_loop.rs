@@ -1,0 +1,980 @@
+//! `EventLoop`: the event-driven path of DESIGN.md §6.
+//!
+//! Handlers shaped like `asyncio.Protocol` (or `asyncio.DatagramProtocol`) run on the
+//! thread that serves, with no thread per connection and no thread wake per request.
+//! Each `run_once()` is two phases:
+//!
+//! 1. **I/O, detached** (one GIL release): send what the transports queued since the
+//!    last round, close what they closed, wait on the mio `Poll`, then drain every ready
+//!    socket — accept until `EAGAIN`, receive until `EAGAIN` (mio is edge-triggered) —
+//!    into one arena buffer, recording events.
+//! 2. **Callbacks, attached** (one GIL hold for the whole batch): `connection_made`,
+//!    `data_received`, `eof_received`, `connection_lost`, `resume_writing`,
+//!    `datagram_received`, `error_received`.
+//!
+//! No system call is made with the GIL held on this path. An exception from a callback
+//! goes to the server's `handle_error` and aborts only that connection (as asyncio
+//! does); `KeyboardInterrupt`/`SystemExit` propagate, and the events not yet dispatched
+//! are kept for the next round, so nothing read is lost.
+
+use crate::address;
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use crate::syscall::{self, Mode, RawAddr};
+use crate::transport::{
+    Channel, DatagramTransport, LoopShared, Transport, TransportCore, CURRENT_LOOP,
+};
+use crate::wait::{blocking, lock};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use pyo3::exceptions::{PyException, PyTimeoutError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Bytes asked of one `recv`.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from one connection per round before the others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Connections accepted (datagrams received) per round before callbacks run.
+const ACCEPT_BUDGET: usize = 256;
+const DATAGRAM_BUDGET: usize = 1024;
+/// How long to wait before retrying `accept` after running out of descriptors.
+const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why a connection ended, for `connection_lost`.
+enum Lost {
+    Clean,
+    Os(i32),
+    Timeout,
+    /// The exception a callback raised (kept in the connection).
+    Callback,
+}
+
+enum Event {
+    Accepted(RawFd, RawAddr, RawAddr),
+    Data(usize, usize, usize),
+    Eof(usize),
+    Lost(usize, Lost),
+    Resume(usize),
+    Datagram(usize, usize, RawAddr),
+    DatagramError(i32),
+}
+
+struct Conn {
+    fd: RawFd,
+    chan: Arc<Channel>,
+    transport: Py<Transport>,
+    protocol: Option<Py<PyAny>>,
+    on_data: Option<Py<PyAny>>,
+    addr: Py<PyAny>,
+    last_active: Instant,
+    writable_interest: bool,
+    eof_seen: bool,
+    closed: bool,
+    error: Option<PyErr>,
+}
+
+struct DatagramEndpoint {
+    chan: Arc<Channel>,
+    transport: Py<DatagramTransport>,
+    protocol: Py<PyAny>,
+    writable_interest: bool,
+}
+
+struct LoopState {
+    poll: Option<Poll>,
+    events: Events,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    arena: Vec<u8>,
+    pending: VecDeque<Event>,
+    retry_read: Vec<usize>,
+    listener_ready: bool,
+    backoff_until: Option<Instant>,
+    next_idle_check: Option<Instant>,
+    datagram: Option<DatagramEndpoint>,
+    started: bool,
+}
+
+#[pyclass(module = "fastsocketserver._core", frozen)]
+pub struct EventLoop {
+    state: Mutex<LoopState>,
+    shared: Arc<LoopShared>,
+    fd: RawFd,
+    family: i32,
+    kind: i32,
+    proto: i32,
+    factory: Py<PyAny>,
+    verify: Option<Py<PyAny>>,
+    on_error: Py<PyAny>,
+    idle_timeout: Option<Duration>,
+}
+
+fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
+    conns.get_mut(token.checked_sub(FIRST_CONN)?)?.as_mut()
+}
+
+impl EventLoop {
+    // ---- phase 1: I/O, detached ----------------------------------------------------
+
+    fn io_phase(&self, st: &mut LoopState, deadline: Option<Instant>) -> Result<bool> {
+        let dirty =
+            std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        for token in dirty {
+            self.flush(st, token)?;
+        }
+        for token in std::mem::take(&mut st.retry_read) {
+            self.read_conn(st, token);
+        }
+        let now = Instant::now();
+        if st.backoff_until.is_some_and(|t| t <= now) {
+            st.backoff_until = None;
+        }
+        self.check_idle(st, now);
+        let busy = !st.pending.is_empty() || (st.listener_ready && st.backoff_until.is_none());
+        let timeout = if busy {
+            Some(Duration::ZERO)
+        } else {
+            [deadline, st.backoff_until, st.next_idle_check]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| t.saturating_duration_since(now))
+        };
+        let LoopState { poll, events, .. } = st;
+        let poll = poll.as_mut().ok_or(Error::Os(libc::EBADF))?;
+        poll.poll(events, timeout)?;
+        let mut woken = false;
+        let ready: Vec<(usize, bool, bool)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.token().0,
+                    e.is_readable() || e.is_read_closed() || e.is_error(),
+                    e.is_writable(),
+                )
+            })
+            .collect();
+        for (token, readable, writable) in ready {
+            match Token(token) {
+                WAKER => woken = true,
+                LISTENER => {
+                    if readable {
+                        st.listener_ready = true;
+                    }
+                    if writable && st.datagram.is_some() {
+                        self.flush(st, LISTENER.0)?;
+                    }
+                }
+                _ => {
+                    if writable {
+                        self.flush(st, token)?;
+                    }
+                    if readable {
+                        self.read_conn(st, token);
+                    }
+                }
+            }
+        }
+        if st.listener_ready && st.backoff_until.is_none() {
+            if self.kind == libc::SOCK_DGRAM {
+                self.receive_datagrams(st);
+            } else {
+                self.accept_all(st)?;
+            }
+        }
+        Ok(woken || !st.pending.is_empty())
+    }
+
+    fn accept_all(&self, st: &mut LoopState) -> Result<()> {
+        for _ in 0..ACCEPT_BUDGET {
+            match syscall::accept(self.fd, true) {
+                Ok((fd, peer)) => {
+                    let local = syscall::sock_name(fd, false).unwrap_or_else(|_| RawAddr::empty());
+                    st.pending.push_back(Event::Accepted(fd, peer, local));
+                }
+                Err(Error::Os(libc::EAGAIN)) => {
+                    st.listener_ready = false;
+                    return Ok(());
+                }
+                Err(Error::Os(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                    st.backoff_until = Some(Instant::now() + EXHAUSTED_BACKOFF);
+                    return Ok(());
+                }
+                Err(Error::Os(libc::ECONNABORTED | libc::EPROTO | libc::EPERM))
+                | Err(Error::Interrupted) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    fn receive_datagrams(&self, st: &mut LoopState) {
+        for _ in 0..DATAGRAM_BUDGET {
+            let start = st.arena.len();
+            st.arena.resize(start + READ_CHUNK, 0);
+            let got = syscall::recvfrom(
+                self.fd,
+                &mut st.arena[start..],
+                libc::MSG_DONTWAIT,
+                Mode::Blocking,
+                None,
+            );
+            match got {
+                Ok((n, addr)) => {
+                    st.arena.truncate(start + n);
+                    st.pending.push_back(Event::Datagram(start, n, addr));
+                }
+                Err(err) => {
+                    st.arena.truncate(start);
+                    match err {
+                        Error::Os(libc::EAGAIN) => st.listener_ready = false,
+                        Error::Interrupted => continue,
+                        Error::Os(code) => st.pending.push_back(Event::DatagramError(code)),
+                        _ => st.listener_ready = false,
+                    }
+                    if !st.listener_ready {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Receive everything a connection has (up to the round's budget) into the arena.
+    fn read_conn(&self, st: &mut LoopState, token: usize) {
+        let LoopState {
+            conns,
+            arena,
+            pending,
+            retry_read,
+            poll,
+            ..
+        } = st;
+        let Some(conn) = conn_mut(conns, token) else {
+            return;
+        };
+        if conn.closed || conn.eof_seen {
+            return;
+        }
+        {
+            let cs = conn.chan.state.lock().unwrap_or_else(|p| p.into_inner());
+            if cs.read_paused || cs.closed || cs.aborting {
+                return;
+            }
+        }
+        let mut total = 0;
+        loop {
+            let start = arena.len();
+            match syscall::recv_append(
+                conn.fd,
+                arena,
+                READ_CHUNK,
+                libc::MSG_DONTWAIT,
+                Mode::Blocking,
+                None,
+            ) {
+                Ok(0) => {
+                    conn.eof_seen = true;
+                    pending.push_back(Event::Eof(token));
+                    return;
+                }
+                Ok(n) => {
+                    conn.last_active = Instant::now();
+                    match pending.back_mut() {
+                        Some(Event::Data(t, s, len)) if *t == token && *s + *len == start => {
+                            *len += n
+                        }
+                        _ => pending.push_back(Event::Data(token, start, n)),
+                    }
+                    total += n;
+                    if total >= READ_BUDGET {
+                        retry_read.push(token);
+                        return;
+                    }
+                }
+                Err(Error::Os(libc::EAGAIN)) => return,
+                Err(Error::Interrupted) => continue,
+                Err(Error::Os(code)) => {
+                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code));
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Send what a transport queued; carry out its close, abort or write_eof.
+    fn flush(&self, st: &mut LoopState, token: usize) -> Result<()> {
+        if token == LISTENER.0 {
+            return self.flush_datagrams(st);
+        }
+        let LoopState {
+            conns,
+            pending,
+            retry_read,
+            poll,
+            ..
+        } = st;
+        let Some(conn) = conn_mut(conns, token) else {
+            return Ok(());
+        };
+        if conn.closed {
+            return Ok(());
+        }
+        let chan = conn.chan.clone();
+        let mut cs = chan.state.lock().unwrap_or_else(|p| p.into_inner());
+        cs.queued = false;
+        if cs.aborting {
+            drop(cs);
+            let why = if conn.error.is_some() {
+                Lost::Callback
+            } else {
+                Lost::Clean
+            };
+            close_conn(poll.as_ref(), conn, pending, token, why);
+            return Ok(());
+        }
+        if cs.read_resumed {
+            cs.read_resumed = false;
+            retry_read.push(token);
+        }
+        while cs.out_pos < cs.out.len() {
+            let pos = cs.out_pos;
+            match syscall::send(conn.fd, &cs.out[pos..], 0, Mode::NonBlocking, None) {
+                Ok(n) => cs.out_pos += n,
+                Err(Error::Os(libc::EAGAIN)) => break,
+                Err(Error::Interrupted) => continue,
+                Err(Error::Os(code)) => {
+                    drop(cs);
+                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code));
+                    return Ok(());
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        if cs.out_pos == cs.out.len() {
+            cs.out.clear();
+            cs.out_pos = 0;
+        }
+        let left = cs.pending();
+        if cs.writing_paused && left <= cs.low {
+            cs.writing_paused = false;
+            pending.push_back(Event::Resume(token));
+        }
+        let want_writable = left > 0;
+        if want_writable != conn.writable_interest {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if let Some(poll) = poll.as_ref() {
+                poll.registry()
+                    .reregister(&mut SourceFd(&conn.fd), Token(token), interest)?;
+            }
+            conn.writable_interest = want_writable;
+        }
+        if left == 0 {
+            if cs.eof_requested && !cs.eof_sent {
+                cs.eof_sent = true;
+                // SAFETY: the descriptor is open (the connection is not closed).
+                unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+            }
+            if cs.closing {
+                drop(cs);
+                close_conn(poll.as_ref(), conn, pending, token, Lost::Clean);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_datagrams(&self, st: &mut LoopState) -> Result<()> {
+        let LoopState {
+            datagram,
+            pending,
+            poll,
+            ..
+        } = st;
+        let Some(ep) = datagram.as_mut() else {
+            return Ok(());
+        };
+        let chan = ep.chan.clone();
+        let mut cs = chan.state.lock().unwrap_or_else(|p| p.into_inner());
+        cs.queued = false;
+        while let Some((data, addr)) = cs.datagrams.front() {
+            match syscall::sendto(self.fd, data, 0, addr, Mode::NonBlocking, None) {
+                Err(Error::Os(libc::EAGAIN)) => break,
+                Err(Error::Interrupted) => continue,
+                other => {
+                    let len = data.len();
+                    cs.datagrams.pop_front();
+                    cs.datagram_bytes -= len;
+                    if let Err(Error::Os(code)) = other {
+                        pending.push_back(Event::DatagramError(code));
+                    }
+                }
+            }
+        }
+        if cs.writing_paused && cs.pending() <= cs.low {
+            cs.writing_paused = false;
+            pending.push_back(Event::Resume(LISTENER.0));
+        }
+        let want_writable = !cs.datagrams.is_empty();
+        if want_writable != ep.writable_interest {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if let Some(poll) = poll.as_ref() {
+                poll.registry()
+                    .reregister(&mut SourceFd(&self.fd), LISTENER, interest)?;
+            }
+            ep.writable_interest = want_writable;
+        }
+        Ok(())
+    }
+
+    fn check_idle(&self, st: &mut LoopState, now: Instant) {
+        let Some(limit) = self.idle_timeout else {
+            return;
+        };
+        if st.next_idle_check.is_some_and(|t| t > now) {
+            return;
+        }
+        let LoopState {
+            conns,
+            pending,
+            poll,
+            ..
+        } = st;
+        let mut next = now + limit;
+        for (i, slot) in conns.iter_mut().enumerate() {
+            let Some(conn) = slot.as_mut().filter(|c| !c.closed) else {
+                continue;
+            };
+            let expires = conn.last_active + limit;
+            if expires <= now {
+                close_conn(poll.as_ref(), conn, pending, i + FIRST_CONN, Lost::Timeout);
+            } else {
+                next = next.min(expires);
+            }
+        }
+        st.next_idle_check = Some(next);
+    }
+
+    // ---- phase 2: callbacks, attached ----------------------------------------------
+
+    fn dispatch(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
+        CURRENT_LOOP.with(|c| c.set(Arc::as_ptr(&self.shared) as usize));
+        let result = self.dispatch_all(py, st);
+        CURRENT_LOOP.with(|c| c.set(0));
+        if st.pending.is_empty() {
+            st.arena.clear();
+        }
+        result
+    }
+
+    fn dispatch_all(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
+        while let Some(event) = st.pending.pop_front() {
+            match event {
+                Event::Accepted(fd, peer, local) => self.on_accepted(py, st, fd, &peer, &local)?,
+                Event::Data(token, start, len) => {
+                    let Some(conn) = conn_mut(&mut st.conns, token) else {
+                        continue;
+                    };
+                    let (Some(on_data), false) = (conn.on_data.as_ref(), conn.closed) else {
+                        continue;
+                    };
+                    {
+                        let cs = lock(py, &conn.chan.state);
+                        if cs.closing || cs.aborting || cs.closed {
+                            continue;
+                        }
+                    }
+                    let data = PyBytes::new(py, &st.arena[start..start + len]);
+                    let result = on_data.call1(py, (data,)).map(drop);
+                    self.after_callback(py, st, token, result)?;
+                }
+                Event::Eof(token) => {
+                    let Some(conn) = conn_mut(&mut st.conns, token) else {
+                        continue;
+                    };
+                    let Some(protocol) = conn.protocol.as_ref() else {
+                        continue;
+                    };
+                    let result = protocol
+                        .call_method0(py, "eof_received")
+                        .and_then(|keep| keep.is_truthy(py));
+                    match result {
+                        Ok(true) => {}
+                        Ok(false) => conn.transport.get().core_close(py),
+                        Err(err) => self.after_callback(py, st, token, Err(err))?,
+                    }
+                }
+                Event::Resume(token) => {
+                    let protocol = if token == LISTENER.0 {
+                        st.datagram.as_ref().map(|ep| ep.protocol.clone_ref(py))
+                    } else {
+                        conn_mut(&mut st.conns, token)
+                            .and_then(|c| c.protocol.as_ref().map(|p| p.clone_ref(py)))
+                    };
+                    if let Some(protocol) = protocol {
+                        let result = protocol.call_method0(py, "resume_writing").map(drop);
+                        self.after_callback(py, st, token, result)?;
+                    }
+                }
+                Event::Lost(token, why) => self.on_lost(py, st, token, why)?,
+                Event::Datagram(start, len, addr) => {
+                    let Some(ep) = st.datagram.as_ref() else {
+                        continue;
+                    };
+                    let data = PyBytes::new(py, &st.arena[start..start + len]);
+                    let addr = address::to_python(py, &addr)?;
+                    let result = ep
+                        .protocol
+                        .call_method1(py, "datagram_received", (data, addr))
+                        .map(drop);
+                    self.after_callback(py, st, LISTENER.0, result)?;
+                }
+                Event::DatagramError(code) => {
+                    let Some(ep) = st.datagram.as_ref() else {
+                        continue;
+                    };
+                    let exc: PyErr = Error::Os(code).into();
+                    let result = ep
+                        .protocol
+                        .call_method1(py, "error_received", (exc.value(py),))
+                        .map(drop);
+                    self.after_callback(py, st, LISTENER.0, result)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_accepted(
+        &self,
+        py: Python<'_>,
+        st: &mut LoopState,
+        fd: RawFd,
+        peer: &RawAddr,
+        local: &RawAddr,
+    ) -> PyResult<()> {
+        let token = match st.free.pop() {
+            Some(t) => t,
+            None => {
+                st.conns.push(None);
+                st.conns.len() - 1 + FIRST_CONN
+            }
+        };
+        let chan = Arc::new(Channel::new(token, self.shared.clone()));
+        let addr = address::to_python(py, peer)?.unbind();
+        let transport = Py::new(
+            py,
+            Transport {
+                core: TransportCore {
+                    chan: chan.clone(),
+                    protocol: Mutex::new(py.None()),
+                    peername: addr.clone_ref(py),
+                    sockname: address::to_python(py, local)?.unbind(),
+                    socket: Mutex::new(None),
+                    fd,
+                    family: self.family,
+                    kind: self.kind,
+                    proto: self.proto,
+                },
+            },
+        )?;
+        let registered = match st.poll.as_ref() {
+            Some(poll) => {
+                poll.registry()
+                    .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
+            }
+            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        };
+        st.conns[token - FIRST_CONN] = Some(Conn {
+            fd,
+            chan,
+            transport: transport.clone_ref(py),
+            protocol: None,
+            on_data: None,
+            addr: addr.clone_ref(py),
+            last_active: Instant::now(),
+            writable_interest: false,
+            eof_seen: false,
+            closed: false,
+            error: None,
+        });
+        if registered.is_err() {
+            transport.get().core.abort(py);
+            return Ok(());
+        }
+        if let Some(verify) = &self.verify {
+            match verify
+                .call1(py, (transport.clone_ref(py), addr.clone_ref(py)))
+                .and_then(|ok| ok.is_truthy(py))
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    transport.get().core.abort(py);
+                    return Ok(());
+                }
+                Err(err) => return self.after_callback(py, st, token, Err(err)),
+            }
+        }
+        let made = (|| -> PyResult<()> {
+            let protocol = self.factory.call0(py)?;
+            *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
+            let on_data = protocol.getattr(py, "data_received")?;
+            if let Some(conn) = conn_mut(&mut st.conns, token) {
+                conn.protocol = Some(protocol.clone_ref(py));
+                conn.on_data = Some(on_data);
+            }
+            protocol.call_method1(py, "connection_made", (transport.clone_ref(py),))?;
+            Ok(())
+        })();
+        self.after_callback(py, st, token, made)
+    }
+
+    fn on_lost(&self, py: Python<'_>, st: &mut LoopState, token: usize, why: Lost) -> PyResult<()> {
+        let Some(slot) = st.conns.get_mut(token - FIRST_CONN) else {
+            return Ok(());
+        };
+        let Some(mut conn) = slot.take() else {
+            return Ok(());
+        };
+        st.free.push(token);
+        conn.transport.get().core.drop_socket(py);
+        let Some(protocol) = conn.protocol.take() else {
+            return Ok(());
+        };
+        let exc: Option<PyErr> = match why {
+            Lost::Clean => None,
+            Lost::Os(code) => Some(Error::Os(code).into()),
+            Lost::Timeout => Some(PyTimeoutError::new_err("connection idle timeout")),
+            Lost::Callback => conn.error.take(),
+        };
+        let arg = exc
+            .as_ref()
+            .map(|e| e.value(py).clone().into_any().unbind())
+            .unwrap_or_else(|| py.None());
+        let result = protocol
+            .call_method1(py, "connection_lost", (arg,))
+            .map(drop);
+        match result {
+            Ok(()) => Ok(()),
+            Err(err) if is_handled(py, &err) => self.report(
+                py,
+                conn.transport.clone_ref(py).into_any(),
+                conn.addr.clone_ref(py),
+                err,
+            ),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// After a callback: an ordinary exception goes to `handle_error` and aborts the
+    /// connection; anything else (KeyboardInterrupt, SystemExit) propagates.
+    fn after_callback(
+        &self,
+        py: Python<'_>,
+        st: &mut LoopState,
+        token: usize,
+        result: PyResult<()>,
+    ) -> PyResult<()> {
+        let Err(err) = result else {
+            return Ok(());
+        };
+        if !is_handled(py, &err) {
+            return Err(err);
+        }
+        if token == LISTENER.0 {
+            let Some(ep) = st.datagram.as_ref() else {
+                return Err(err);
+            };
+            return self.report(py, ep.transport.clone_ref(py).into_any(), py.None(), err);
+        }
+        let Some(conn) = conn_mut(&mut st.conns, token) else {
+            return Err(err);
+        };
+        let transport = conn.transport.clone_ref(py);
+        let addr = conn.addr.clone_ref(py);
+        conn.error = Some(err.clone_ref(py));
+        transport.get().core.abort(py);
+        self.report(py, transport.into_any(), addr, err)
+    }
+
+    fn report(
+        &self,
+        py: Python<'_>,
+        request: Py<PyAny>,
+        addr: Py<PyAny>,
+        err: PyErr,
+    ) -> PyResult<()> {
+        self.on_error
+            .call1(py, (request, addr, err.value(py).clone()))
+            .map(drop)
+    }
+
+    fn start(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
+        if st.started {
+            return Ok(());
+        }
+        st.started = true;
+        if self.kind != libc::SOCK_DGRAM {
+            return Ok(());
+        }
+        let chan = Arc::new(Channel::new(LISTENER.0, self.shared.clone()));
+        let protocol = self.factory.call0(py)?;
+        let local = syscall::sock_name(self.fd, false).map_err(PyErr::from)?;
+        let transport = Py::new(
+            py,
+            DatagramTransport {
+                core: TransportCore {
+                    chan: chan.clone(),
+                    protocol: Mutex::new(protocol.clone_ref(py)),
+                    peername: py.None(),
+                    sockname: address::to_python(py, &local)?.unbind(),
+                    socket: Mutex::new(None),
+                    fd: self.fd,
+                    family: self.family,
+                    kind: self.kind,
+                    proto: self.proto,
+                },
+                family: self.family,
+            },
+        )?;
+        st.datagram = Some(DatagramEndpoint {
+            chan,
+            transport: transport.clone_ref(py),
+            protocol: protocol.clone_ref(py),
+            writable_interest: false,
+        });
+        let result = protocol
+            .call_method1(py, "connection_made", (transport,))
+            .map(drop);
+        self.after_callback(py, st, LISTENER.0, result)
+    }
+}
+
+/// Close a connection's descriptor now (detached phase) and queue its `connection_lost`.
+fn close_conn(
+    poll: Option<&Poll>,
+    conn: &mut Conn,
+    pending: &mut VecDeque<Event>,
+    token: usize,
+    why: Lost,
+) {
+    if conn.closed {
+        return;
+    }
+    conn.closed = true;
+    conn.chan
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .closed = true;
+    if let Some(poll) = poll {
+        let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
+    }
+    // SAFETY: the loop owns the descriptor; it is closed exactly once, here.
+    unsafe { libc::close(conn.fd) };
+    pending.push_back(Event::Lost(token, why));
+}
+
+/// True for what the dispatch boundary sends to `handle_error`: an `Exception`, or a
+/// Rust panic (PyO3's PanicException is a BaseException).
+fn is_handled(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<PyException>(py) || err.is_instance_of::<pyo3::panic::PanicException>(py)
+}
+
+#[pymethods]
+impl EventLoop {
+    /// Serve protocol handlers on listening socket `fd` (a stream listener or a
+    /// datagram socket). `factory()` makes a protocol; `verify(transport, address)`, if
+    /// given, may refuse a connection; `on_error(transport, address, exc)` reports an
+    /// exception raised by a callback; `idle_timeout` closes silent connections.
+    #[new]
+    #[pyo3(signature = (fd, family, kind, proto, factory, on_error, verify = None, idle_timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        fd: RawFd,
+        family: i32,
+        kind: i32,
+        proto: i32,
+        factory: Py<PyAny>,
+        on_error: Py<PyAny>,
+        verify: Option<Py<PyAny>>,
+        idle_timeout: Option<f64>,
+    ) -> PyResult<EventLoop> {
+        if kind == libc::SOCK_STREAM {
+            syscall::set_nonblocking(fd, true)?;
+        }
+        let poll = Poll::new().map_err(Error::from)?;
+        poll.registry()
+            .register(&mut SourceFd(&fd), LISTENER, Interest::READABLE)
+            .map_err(Error::from)?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(Error::from)?;
+        let idle_timeout = match idle_timeout {
+            Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(_) => {
+                return Err(pyo3::exceptions::PyValueError::new_err(
+                    "idle_timeout must be a positive number or None",
+                ))
+            }
+            None => None,
+        };
+        Ok(EventLoop {
+            state: Mutex::new(LoopState {
+                poll: Some(poll),
+                events: Events::with_capacity(1024),
+                conns: Vec::new(),
+                free: Vec::new(),
+                arena: Vec::new(),
+                pending: VecDeque::new(),
+                retry_read: Vec::new(),
+                listener_ready: true,
+                backoff_until: None,
+                next_idle_check: None,
+                datagram: None,
+                started: false,
+            }),
+            shared: Arc::new(LoopShared {
+                dirty: Mutex::new(Vec::new()),
+                waker,
+            }),
+            fd,
+            family,
+            kind,
+            proto,
+            factory,
+            verify,
+            on_error,
+            idle_timeout,
+        })
+    }
+
+    /// One round: send queued output, wait up to `timeout` (None: forever) for
+    /// events, run the callbacks. True if anything happened, False on timeout or wake.
+    #[pyo3(signature = (timeout = None))]
+    fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.clamp(0.0, 1e9)));
+        let mut guard = lock(py, &self.state);
+        let st = &mut *guard;
+        self.start(py, st)?;
+        if !st.pending.is_empty() {
+            self.dispatch(py, st)?;
+            return Ok(true);
+        }
+        let active = blocking(py, || self.io_phase(st, deadline))?;
+        self.dispatch(py, st)?;
+        Ok(active)
+    }
+
+    /// Wake the loop's current (or next) wait.
+    fn wake(&self) -> PyResult<()> {
+        self.shared.waker.wake().map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// Close every connection (each protocol gets `connection_lost(None)`) and the poller.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let mut guard = lock(py, &self.state);
+        let st = &mut *guard;
+        let poll = st.poll.take();
+        let conns = std::mem::take(&mut st.conns);
+        let datagram = st.datagram.take();
+        st.pending.clear();
+        drop(guard);
+        py.detach(|| {
+            for conn in conns.iter().flatten().filter(|c| !c.closed) {
+                if let Some(poll) = poll.as_ref() {
+                    let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
+                }
+                conn.chan
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .closed = true;
+                // SAFETY: the loop owns each open connection's descriptor.
+                unsafe { libc::close(conn.fd) };
+            }
+            if let Some(poll) = poll.as_ref() {
+                let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
+            }
+        });
+        drop(poll);
+        let mut first_err = None;
+        let mut lost = |protocol: &Py<PyAny>| {
+            if let Err(err) = protocol.call_method1(py, "connection_lost", (py.None(),)) {
+                first_err.get_or_insert(err);
+            }
+        };
+        for conn in conns.into_iter().flatten() {
+            conn.transport.get().core.drop_socket(py);
+            if !conn.closed {
+                if let Some(protocol) = conn.protocol.as_ref() {
+                    lost(protocol);
+                }
+            }
+        }
+        if let Some(ep) = datagram {
+            ep.chan
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .closed = true;
+            lost(&ep.protocol);
+        }
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Open connections.
+    #[getter]
+    fn connections(&self, py: Python<'_>) -> usize {
+        lock(py, &self.state)
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| !c.closed)
+            .count()
+    }
+
+    #[getter]
+    fn fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl Transport {
+    /// `close()` as the loop calls it after `eof_received` returns false.
+    fn core_close(&self, py: Python<'_>) {
+        self.core.close_from_loop(py)
+    }
+}
+
+/// A genuine socket object on a duplicate of a transport's descriptor, for
+/// `get_extra_info('socket')`.
+pub fn socket_for(
+    py: Python<'_>,
+    fd: RawFd,
+    family: i32,
+    kind: i32,
+    proto: i32,
+) -> PyResult<Py<PyAny>> {
+    // SAFETY: duplicating a descriptor the loop keeps open while the transport lives.
+    let dup = syscall::check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    Ok(Py::new(py, Connection::new(dup, family, kind, proto))?.into_any())
+}

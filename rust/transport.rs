@@ -1,0 +1,477 @@
+//! Transports of the event-driven path: what `asyncio.Protocol` handlers write to.
+//!
+//! A transport never makes a system call. `write()` queues bytes on the connection's
+//! [`Channel`] and marks it dirty; the event loop sends everything queued inside its
+//! next GIL release (DESIGN.md §5, §6). Flow control follows asyncio: the protocol's
+//! `pause_writing()` is called when the queue exceeds the high-water mark and
+//! `resume_writing()` when the loop has drained it to the low-water mark.
+//!
+//! A transport may be used from another thread: it then wakes the loop, so the write is
+//! not left waiting for the next event.
+
+use crate::address;
+use crate::buffer::RawBuffer;
+use crate::syscall::RawAddr;
+use crate::wait::lock;
+use mio::Waker;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+/// asyncio's default write buffer limits.
+pub const DEFAULT_HIGH_WATER: usize = 64 * 1024;
+
+thread_local! {
+    /// The loop whose callbacks this thread is running (address of its `LoopShared`).
+    pub static CURRENT_LOOP: Cell<usize> = const { Cell::new(0) };
+}
+
+/// What the loop and its transports share.
+pub struct LoopShared {
+    /// Tokens of channels with work for the loop's next I/O phase.
+    pub dirty: Mutex<Vec<usize>>,
+    pub waker: Waker,
+}
+
+impl LoopShared {
+    fn on_loop_thread(self: &Arc<Self>) -> bool {
+        CURRENT_LOOP.with(|c| c.get()) == Arc::as_ptr(self) as usize
+    }
+}
+
+#[derive(Default)]
+pub struct ChanState {
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+    /// Datagrams waiting to be sent, with their destinations.
+    pub datagrams: VecDeque<(Vec<u8>, RawAddr)>,
+    pub datagram_bytes: usize,
+    /// Already in the loop's dirty list.
+    pub queued: bool,
+    pub closing: bool,
+    pub aborting: bool,
+    pub eof_requested: bool,
+    pub eof_sent: bool,
+    pub read_paused: bool,
+    /// `resume_reading()` was called: the loop must try to read (edge-triggered).
+    pub read_resumed: bool,
+    pub high: usize,
+    pub low: usize,
+    pub writing_paused: bool,
+    /// The descriptor is closed; the transport is dead.
+    pub closed: bool,
+}
+
+impl ChanState {
+    pub fn pending(&self) -> usize {
+        self.out.len() - self.out_pos + self.datagram_bytes
+    }
+}
+
+pub struct Channel {
+    pub token: usize,
+    pub state: Mutex<ChanState>,
+    pub shared: Arc<LoopShared>,
+}
+
+impl Channel {
+    pub fn new(token: usize, shared: Arc<LoopShared>) -> Channel {
+        Channel {
+            token,
+            state: Mutex::new(ChanState {
+                high: DEFAULT_HIGH_WATER,
+                low: DEFAULT_HIGH_WATER / 4,
+                ..ChanState::default()
+            }),
+            shared,
+        }
+    }
+
+    /// Put the channel on the loop's list of work (once), waking the loop if called
+    /// from another thread.
+    pub fn mark_dirty(&self, st: &mut ChanState) {
+        if st.queued || st.closed {
+            return;
+        }
+        st.queued = true;
+        self.shared
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.token);
+        if !self.shared.on_loop_thread() {
+            let _ = self.shared.waker.wake();
+        }
+    }
+}
+
+/// Shared by the stream and datagram transports.
+pub struct TransportCore {
+    pub chan: Arc<Channel>,
+    pub protocol: Mutex<Py<PyAny>>,
+    pub peername: Py<PyAny>,
+    pub sockname: Py<PyAny>,
+    /// `get_extra_info('socket')`, made on first request.
+    pub socket: Mutex<Option<Py<PyAny>>>,
+    pub fd: std::os::fd::RawFd,
+    pub family: i32,
+    pub kind: i32,
+    pub proto: i32,
+}
+
+impl TransportCore {
+    /// Call the protocol's `pause_writing()` if the queue passed the high-water mark.
+    fn maybe_pause(&self, py: Python<'_>) {
+        let pause = {
+            let mut st = lock(py, &self.chan.state);
+            let pause = !st.writing_paused && !st.closed && st.pending() > st.high;
+            if pause {
+                st.writing_paused = true;
+            }
+            pause
+        };
+        if pause {
+            let protocol = lock(py, &self.protocol).clone_ref(py);
+            if let Err(err) = protocol.call_method0(py, "pause_writing") {
+                err.write_unraisable(py, Some(protocol.bind(py)));
+            }
+        }
+    }
+
+    fn get_extra_info(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        default: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        Ok(match name {
+            "peername" => self.peername.clone_ref(py),
+            "sockname" => self.sockname.clone_ref(py),
+            "socket" => {
+                let mut sock = lock(py, &self.socket);
+                if lock(py, &self.chan.state).closed {
+                    return Ok(default.unwrap_or_else(|| py.None()));
+                }
+                match sock.as_ref() {
+                    Some(s) => s.clone_ref(py),
+                    None => {
+                        let s = crate::event_loop::socket_for(
+                            py,
+                            self.fd,
+                            self.family,
+                            self.kind,
+                            self.proto,
+                        )?;
+                        *sock = Some(s.clone_ref(py));
+                        s
+                    }
+                }
+            }
+            _ => default.unwrap_or_else(|| py.None()),
+        })
+    }
+
+    /// Close the `get_extra_info('socket')` object, if one was made (connection end).
+    pub fn drop_socket(&self, py: Python<'_>) {
+        if let Some(sock) = lock(py, &self.socket).take() {
+            let _ = sock.call_method0(py, "close");
+        }
+    }
+
+    pub fn close_from_loop(&self, py: Python<'_>) {
+        self.close(py)
+    }
+
+    pub fn close(&self, py: Python<'_>) {
+        let mut st = lock(py, &self.chan.state);
+        if st.closing || st.closed {
+            return;
+        }
+        st.closing = true;
+        st.read_paused = true;
+        self.chan.mark_dirty(&mut st);
+    }
+
+    pub fn abort(&self, py: Python<'_>) {
+        let mut st = lock(py, &self.chan.state);
+        if st.closed {
+            return;
+        }
+        st.aborting = true;
+        self.chan.mark_dirty(&mut st);
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> bool {
+        let st = lock(py, &self.chan.state);
+        st.closing || st.aborting || st.closed
+    }
+
+    fn set_limits(&self, py: Python<'_>, high: Option<usize>, low: Option<usize>) -> PyResult<()> {
+        let high = high.unwrap_or(match low {
+            None => DEFAULT_HIGH_WATER,
+            Some(l) => 4 * l,
+        });
+        let low = low.unwrap_or(high / 4);
+        if high < low {
+            return Err(PyValueError::new_err(format!(
+                "high ({high}) must be >= low ({low}) must be >= 0"
+            )));
+        }
+        {
+            let mut st = lock(py, &self.chan.state);
+            st.high = high;
+            st.low = low;
+        }
+        self.maybe_pause(py);
+        Ok(())
+    }
+}
+
+/// The transport of one stream connection (`asyncio.Transport`'s methods).
+#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
+pub struct Transport {
+    pub core: TransportCore,
+}
+
+#[pymethods]
+impl Transport {
+    /// Queue `data` for sending; it goes out in the loop's next I/O phase.
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let buf = RawBuffer::get(data, false)?;
+        self.write_slice(py, buf.as_slice())
+    }
+
+    fn writelines(&self, py: Python<'_>, lines: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut joined = Vec::new();
+        for line in lines.try_iter()? {
+            joined.extend_from_slice(RawBuffer::get(&line?, false)?.as_slice());
+        }
+        self.write_slice(py, &joined)
+    }
+
+    /// Close the write side once the queued data is sent.
+    fn write_eof(&self, py: Python<'_>) {
+        let mut st = lock(py, &self.core.chan.state);
+        if st.closing || st.closed || st.eof_requested {
+            return;
+        }
+        st.eof_requested = true;
+        self.core.chan.mark_dirty(&mut st);
+    }
+
+    fn can_write_eof(&self) -> bool {
+        true
+    }
+
+    /// Close after the queued data is sent; `connection_lost(None)` follows.
+    fn close(&self, py: Python<'_>) {
+        self.core.close(py)
+    }
+
+    /// Close at once, dropping queued data; `connection_lost(None)` follows.
+    fn abort(&self, py: Python<'_>) {
+        self.core.abort(py)
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> bool {
+        self.core.is_closing(py)
+    }
+
+    fn pause_reading(&self, py: Python<'_>) {
+        let mut st = lock(py, &self.core.chan.state);
+        if !st.closing && !st.closed {
+            st.read_paused = true;
+        }
+    }
+
+    fn resume_reading(&self, py: Python<'_>) {
+        let mut st = lock(py, &self.core.chan.state);
+        if st.read_paused && !st.closing && !st.closed {
+            st.read_paused = false;
+            st.read_resumed = true;
+            self.core.chan.mark_dirty(&mut st);
+        }
+    }
+
+    fn is_reading(&self, py: Python<'_>) -> bool {
+        let st = lock(py, &self.core.chan.state);
+        !st.read_paused && !st.closing && !st.closed
+    }
+
+    fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
+        lock(py, &self.core.chan.state).pending()
+    }
+
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> (usize, usize) {
+        let st = lock(py, &self.core.chan.state);
+        (st.low, st.high)
+    }
+
+    #[pyo3(signature = (high = None, low = None))]
+    fn set_write_buffer_limits(
+        &self,
+        py: Python<'_>,
+        high: Option<usize>,
+        low: Option<usize>,
+    ) -> PyResult<()> {
+        self.core.set_limits(py, high, low)
+    }
+
+    #[pyo3(signature = (name, default = None))]
+    fn get_extra_info(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        default: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.core.get_extra_info(py, name, default)
+    }
+
+    fn get_protocol(&self, py: Python<'_>) -> Py<PyAny> {
+        lock(py, &self.core.protocol).clone_ref(py)
+    }
+
+    fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>) {
+        *lock(py, &self.core.protocol) = protocol;
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let peer = self
+            .core
+            .peername
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        let state = if self.core.is_closing(py) {
+            "closing"
+        } else {
+            "open"
+        };
+        format!("<fastsocketserver.Transport {state} peer={peer}>")
+    }
+}
+
+impl Transport {
+    fn write_slice(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        {
+            let mut st = lock(py, &self.core.chan.state);
+            if st.eof_requested {
+                return Err(PyRuntimeError::new_err(
+                    "Cannot call write() after write_eof()",
+                ));
+            }
+            if st.closing || st.aborting || st.closed || data.is_empty() {
+                return Ok(());
+            }
+            if st.out_pos > 0 && st.out_pos == st.out.len() {
+                st.out.clear();
+                st.out_pos = 0;
+            }
+            st.out.extend_from_slice(data);
+            self.core.chan.mark_dirty(&mut st);
+        }
+        self.core.maybe_pause(py);
+        Ok(())
+    }
+}
+
+/// The transport of a datagram server socket (`asyncio.DatagramTransport`'s methods).
+#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
+pub struct DatagramTransport {
+    pub core: TransportCore,
+    pub family: i32,
+}
+
+#[pymethods]
+impl DatagramTransport {
+    /// Queue one datagram for `addr`; it goes out in the loop's next I/O phase.
+    #[pyo3(signature = (data, addr = None))]
+    fn sendto(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        addr: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let buf = RawBuffer::get(data, false)?;
+        let Some(addr) = addr.filter(|a| !a.is_none()) else {
+            return Err(PyValueError::new_err(
+                "Invalid address: must be a destination for an unconnected socket",
+            ));
+        };
+        let raw = address::from_python(addr, self.family)?;
+        {
+            let mut st = lock(py, &self.core.chan.state);
+            if st.closing || st.aborting || st.closed {
+                return Ok(());
+            }
+            st.datagram_bytes += buf.len();
+            st.datagrams.push_back((buf.as_slice().to_vec(), raw));
+            self.core.chan.mark_dirty(&mut st);
+        }
+        self.core.maybe_pause(py);
+        Ok(())
+    }
+
+    fn close(&self, py: Python<'_>) {
+        self.core.close(py)
+    }
+
+    fn abort(&self, py: Python<'_>) {
+        self.core.abort(py)
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> bool {
+        self.core.is_closing(py)
+    }
+
+    fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
+        lock(py, &self.core.chan.state).pending()
+    }
+
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> (usize, usize) {
+        let st = lock(py, &self.core.chan.state);
+        (st.low, st.high)
+    }
+
+    #[pyo3(signature = (high = None, low = None))]
+    fn set_write_buffer_limits(
+        &self,
+        py: Python<'_>,
+        high: Option<usize>,
+        low: Option<usize>,
+    ) -> PyResult<()> {
+        self.core.set_limits(py, high, low)
+    }
+
+    #[pyo3(signature = (name, default = None))]
+    fn get_extra_info(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        default: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.core.get_extra_info(py, name, default)
+    }
+
+    fn get_protocol(&self, py: Python<'_>) -> Py<PyAny> {
+        lock(py, &self.core.protocol).clone_ref(py)
+    }
+
+    fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>) {
+        *lock(py, &self.core.protocol) = protocol;
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let local = self
+            .core
+            .sockname
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        format!("<fastsocketserver.DatagramTransport local={local}>")
+    }
+}
