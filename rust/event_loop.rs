@@ -58,7 +58,7 @@ enum Lost {
 }
 
 enum Event {
-    Accepted(RawFd, RawAddr, RawAddr),
+    Accepted(usize, RawFd, RawAddr, RawAddr),
     Data(usize, usize, usize),
     Eof(usize),
     Lost(usize, Lost),
@@ -198,7 +198,31 @@ impl EventLoop {
             match syscall::accept(self.fd, true) {
                 Ok((fd, peer)) => {
                     let local = syscall::sock_name(fd, false).unwrap_or_else(|_| RawAddr::empty());
-                    st.pending.push_back(Event::Accepted(fd, peer, local));
+                    // Register now, detached; the connection's objects are made in the
+                    // callback phase, in the slot reserved here.
+                    let token = match st.free.pop() {
+                        Some(t) => t,
+                        None => {
+                            st.conns.push(None);
+                            st.conns.len() - 1 + FIRST_CONN
+                        }
+                    };
+                    let registered = match st.poll.as_ref() {
+                        Some(poll) => poll.registry().register(
+                            &mut SourceFd(&fd),
+                            Token(token),
+                            Interest::READABLE,
+                        ),
+                        None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+                    };
+                    if registered.is_err() {
+                        st.free.push(token);
+                        // SAFETY: the descriptor was just accepted and is ours.
+                        unsafe { libc::close(fd) };
+                        continue;
+                    }
+                    st.pending
+                        .push_back(Event::Accepted(token, fd, peer, local));
                 }
                 Err(Error::Os(libc::EAGAIN)) => {
                     st.listener_ready = false;
@@ -486,7 +510,9 @@ impl EventLoop {
     fn dispatch_all(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
         while let Some(event) = st.pending.pop_front() {
             match event {
-                Event::Accepted(fd, peer, local) => self.on_accepted(py, st, fd, &peer, &local)?,
+                Event::Accepted(token, fd, peer, local) => {
+                    self.on_accepted(py, st, token, fd, &peer, &local)?
+                }
                 Event::Data(token, start, len) => {
                     let Some(conn) = conn_mut(&mut st.conns, token) else {
                         continue;
@@ -565,17 +591,11 @@ impl EventLoop {
         &self,
         py: Python<'_>,
         st: &mut LoopState,
+        token: usize,
         fd: RawFd,
         peer: &RawAddr,
         local: &RawAddr,
     ) -> PyResult<()> {
-        let token = match st.free.pop() {
-            Some(t) => t,
-            None => {
-                st.conns.push(None);
-                st.conns.len() - 1 + FIRST_CONN
-            }
-        };
         let chan = Arc::new(Channel::new(token, self.shared.clone()));
         let addr = address::to_python(py, peer)?.unbind();
         let transport = Py::new(
@@ -594,13 +614,6 @@ impl EventLoop {
                 },
             },
         )?;
-        let registered = match st.poll.as_ref() {
-            Some(poll) => {
-                poll.registry()
-                    .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
-            }
-            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
-        };
         st.conns[token - FIRST_CONN] = Some(Conn {
             fd,
             chan,
@@ -614,10 +627,6 @@ impl EventLoop {
             closed: false,
             error: None,
         });
-        if registered.is_err() {
-            transport.get().core.abort(py);
-            return Ok(());
-        }
         if let Some(verify) = &self.verify {
             match verify
                 .call1(py, (transport.clone_ref(py), addr.clone_ref(py)))
