@@ -243,19 +243,10 @@ impl EventLoop {
     fn receive_datagrams(&self, st: &mut LoopState) {
         for _ in 0..DATAGRAM_BUDGET {
             let start = st.arena.len();
-            st.arena.resize(start + READ_CHUNK, 0);
-            let got = syscall::recvfrom(
-                self.fd,
-                &mut st.arena[start..],
-                libc::MSG_DONTWAIT,
-                Mode::Blocking,
-                None,
-            );
+            let got =
+                syscall::recvfrom_append(self.fd, &mut st.arena, READ_CHUNK, libc::MSG_DONTWAIT);
             match got {
-                Ok((n, addr)) => {
-                    st.arena.truncate(start + n);
-                    st.pending.push_back(Event::Datagram(start, n, addr));
-                }
+                Ok((n, addr)) => st.pending.push_back(Event::Datagram(start, n, addr)),
                 Err(err) => {
                     st.arena.truncate(start);
                     match err {
@@ -928,12 +919,12 @@ impl EventLoop {
                 first_err.get_or_insert(err);
             }
         };
+        // Every protocol not yet told (including connections closed in a round whose
+        // callbacks did not all run) gets its connection_lost now.
         for conn in conns.into_iter().flatten() {
             conn.transport.get().core.drop_socket(py);
-            if !conn.closed {
-                if let Some(protocol) = conn.protocol.as_ref() {
-                    lost(protocol);
-                }
+            if let Some(protocol) = conn.protocol.as_ref() {
+                lost(protocol);
             }
         }
         if let Some(ep) = datagram {

@@ -259,6 +259,36 @@ pub fn recvfrom(
     Ok((n, addr))
 }
 
+/// `recvfrom(2)` one datagram of at most `max` bytes, appended to `buf` (no zeroing).
+pub fn recvfrom_append(
+    fd: RawFd,
+    buf: &mut Vec<u8>,
+    max: usize,
+    flags: libc::c_int,
+) -> Result<(usize, RawAddr)> {
+    buf.reserve(max);
+    let len = buf.len();
+    let mut addr = RawAddr::empty();
+    // SAFETY: `reserve` made room for `max` bytes past `len`; only received bytes are
+    // exposed by `set_len`.
+    let n = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().add(len).cast(),
+            max,
+            flags,
+            addr.as_mut_ptr(),
+            &mut addr.len,
+        )
+    };
+    if n < 0 {
+        return Err(Error::last_os());
+    }
+    // SAFETY: the kernel wrote n <= max bytes.
+    unsafe { buf.set_len(len + n as usize) };
+    Ok((n as usize, addr))
+}
+
 /// `sendto(2)` one datagram.
 pub fn sendto(
     fd: RawFd,
