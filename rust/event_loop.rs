@@ -653,8 +653,8 @@ impl EventLoop {
             return Ok(());
         };
         st.free.push(token);
-        conn.transport.get().core.drop_socket(py);
         let Some(protocol) = conn.protocol.take() else {
+            conn.transport.get().core.release(py);
             return Ok(());
         };
         let exc: Option<PyErr> = match why {
@@ -670,6 +670,7 @@ impl EventLoop {
         let result = protocol
             .call_method1(py, "connection_lost", (arg,))
             .map(drop);
+        conn.transport.get().core.release(py);
         match result {
             Ok(()) => Ok(()),
             Err(err) if is_handled(py, &err) => self.report(
@@ -850,7 +851,7 @@ impl EventLoop {
             }),
             shared: Arc::new(LoopShared {
                 dirty: Mutex::new(Vec::new()),
-                waker,
+                waker: Mutex::new(Some(waker)),
             }),
             fd,
             family,
@@ -882,7 +883,7 @@ impl EventLoop {
 
     /// Wake the loop's current (or next) wait.
     fn wake(&self) -> PyResult<()> {
-        self.shared.waker.wake().map_err(Error::from)?;
+        self.shared.wake().map_err(Error::from)?;
         Ok(())
     }
 
@@ -922,10 +923,10 @@ impl EventLoop {
         // Every protocol not yet told (including connections closed in a round whose
         // callbacks did not all run) gets its connection_lost now.
         for conn in conns.into_iter().flatten() {
-            conn.transport.get().core.drop_socket(py);
             if let Some(protocol) = conn.protocol.as_ref() {
                 lost(protocol);
             }
+            conn.transport.get().core.release(py);
         }
         if let Some(ep) = datagram {
             ep.chan
@@ -934,7 +935,14 @@ impl EventLoop {
                 .unwrap_or_else(|p| p.into_inner())
                 .closed = true;
             lost(&ep.protocol);
+            ep.transport.get().core.release(py);
         }
+        // Transports may outlive the loop; its eventfd must not.
+        self.shared
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         match first_err {
             Some(err) => Err(err),
             None => Ok(()),

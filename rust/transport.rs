@@ -32,7 +32,23 @@ thread_local! {
 pub struct LoopShared {
     /// Tokens of channels with work for the loop's next I/O phase.
     pub dirty: Mutex<Vec<usize>>,
-    pub waker: Waker,
+    /// Dropped when the loop closes, so transports that outlive their loop do not keep
+    /// its eventfd open.
+    pub waker: Mutex<Option<Waker>>,
+}
+
+impl LoopShared {
+    pub fn wake(&self) -> std::io::Result<()> {
+        match self
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(waker) => waker.wake(),
+            None => Ok(()),
+        }
+    }
 }
 
 impl LoopShared {
@@ -102,7 +118,7 @@ impl Channel {
             .unwrap_or_else(|p| p.into_inner())
             .push(self.token);
         if !self.shared.on_loop_thread() {
-            let _ = self.shared.waker.wake();
+            let _ = self.shared.wake();
         }
     }
 }
@@ -171,6 +187,15 @@ impl TransportCore {
             }
             _ => default.unwrap_or_else(|| py.None()),
         })
+    }
+
+    /// At the connection's end: forget the protocol (as asyncio does, so that the usual
+    /// protocol <-> transport cycle does not keep both alive) and close the
+    /// `get_extra_info('socket')` object, if one was made.
+    pub fn release(&self, py: Python<'_>) {
+        let protocol = std::mem::replace(&mut *lock(py, &self.protocol), py.None());
+        drop(protocol);
+        self.drop_socket(py);
     }
 
     /// Close the `get_extra_info('socket')` object, if one was made (connection end).
