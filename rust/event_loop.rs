@@ -881,6 +881,21 @@ impl EventLoop {
         Ok(active)
     }
 
+    /// The `serve_forever()` loop (see [`crate::serve`]), one `run_once` per round.
+    #[pyo3(signature = (server, poll_interval, service_actions = None))]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        server: &Bound<'_, PyAny>,
+        poll_interval: Option<f64>,
+        service_actions: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        crate::serve::serve_forever(server, service_actions, |stop| {
+            self.run_once(py, poll_interval)?;
+            stop.is_set()
+        })
+    }
+
     /// Wake the loop's current (or next) wait.
     fn wake(&self) -> PyResult<()> {
         self.shared.wake().map_err(Error::from)?;

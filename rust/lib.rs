@@ -11,6 +11,7 @@
 //! - [`connection`]: the socket-like object handlers receive;
 //! - [`reader`], [`writer`]: the handler's `rfile` and `wfile`;
 //! - [`reactor`]: the server's wait on its listening socket (mio);
+//! - [`serve`]: the `serve_forever()` loop;
 //! - [`pool`]: the worker threads of `ThreadingMixIn`;
 //! - [`event_loop`], [`transport`]: the event-driven path for `asyncio.Protocol`-shaped handlers.
 
@@ -23,6 +24,7 @@ pub mod event_loop;
 pub mod pool;
 pub mod reactor;
 pub mod reader;
+pub mod serve;
 pub mod syscall;
 pub mod transport;
 pub mod wait;

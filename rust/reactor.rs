@@ -264,6 +264,55 @@ impl Reactor {
         }
     }
 
+    /// The `serve_forever()` loop (see [`crate::serve`]): `handle(request, address)`
+    /// for each connection (accepting mode; for datagrams the request is
+    /// `(data, sock)`), or `handle()` when the listener is readable (readiness mode).
+    /// An `OSError` while taking a request is ignored, as the stdlib ignores one from
+    /// `get_request()`.
+    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        server: &Bound<'_, PyAny>,
+        poll_interval: Option<f64>,
+        handle: &Bound<'_, PyAny>,
+        service_actions: Option<&Bound<'_, PyAny>>,
+        sock: Option<&Bound<'_, PyAny>>,
+        bufsize: usize,
+    ) -> PyResult<()> {
+        let want = || match (self.accepting, self.kind) {
+            (false, _) => Want::Readiness,
+            (true, libc::SOCK_DGRAM) => Want::Datagram(bufsize),
+            (true, _) => Want::Accept,
+        };
+        crate::serve::serve_forever(server, service_actions, |stop| {
+            let outcome = match self.run(py, want(), poll_interval) {
+                Ok(outcome) => outcome,
+                Err(err) if err.is_instance_of::<pyo3::exceptions::PyOSError>(py) => {
+                    Outcome::TimedOut
+                }
+                Err(err) => return Err(err),
+            };
+            let stopping = stop.is_set()?;
+            match outcome {
+                Outcome::Ready if !stopping => {
+                    handle.call0()?;
+                }
+                Outcome::Accepted(fd, addr) => {
+                    let conn = Connection::new(fd, self.family, libc::SOCK_STREAM, self.proto);
+                    handle.call1((conn, address::to_python(py, &addr)?))?;
+                }
+                Outcome::Datagram(n, addr) => {
+                    let data = PyBytes::new(py, &lock(py, &self.state).datagram[..n]);
+                    handle.call1(((data, sock), address::to_python(py, &addr)?))?;
+                }
+                _ => {}
+            }
+            Ok(stopping)
+        })
+    }
+
     /// Wake the current (or next) wait; it returns None/False.
     fn wake(&self, py: Python<'_>) -> PyResult<()> {
         let waker = lock(py, &self.waker);

@@ -112,9 +112,7 @@ class BaseServer:
                 "protocol handlers are served by the engine's own accept loop; "
                 f"{type(self).__name__} overrides get_request(), which it cannot call"
             )
-        verify = None
-        if getattr(type(self), "verify_request", None) is not BaseServer.verify_request or "verify_request" in vars(self):
-            verify = self.verify_request
+        verify = self.verify_request if _overridden(self, "verify_request") else None
         return _core.EventLoop(
             fd, family, kind, proto, self.RequestHandlerClass, self._protocol_error, verify, self.idle_timeout
         )
@@ -164,21 +162,21 @@ class BaseServer:
         """Handle one request at a time until shutdown.
 
         ``poll_interval`` is how often ``service_actions()`` runs while idle;
-        ``shutdown()`` does not wait for it: it wakes the loop at once.
+        ``shutdown()`` does not wait for it: it wakes the loop at once. The loop itself
+        runs in the engine, in the stdlib's order (wait, check for shutdown, handle,
+        ``service_actions()``), calling every hook a subclass overrides.
         """
         self.__is_shut_down.clear()
         try:
-            while not self.__shutdown_request:
-                got = self._next_request(poll_interval)
-                if self.__shutdown_request:
-                    # bpo-35017: shutdown() called during the wait: exit at once. A
-                    # connection the engine took in that instant is served, not lost.
-                    if got is not None and got is not _READY and got is not _DONE:
-                        self._handle_got(got)
-                    break
-                if got is not None:
-                    self._handle_got(got)
-                self.service_actions()
+            reactor = self._reactor()
+            actions = self.service_actions if _overridden(self, "service_actions") else None
+            if type(reactor) is _core.EventLoop:
+                reactor.serve(self, poll_interval, actions)
+            elif reactor.accepting:
+                bufsize = getattr(self, "max_packet_size", 8192)
+                reactor.serve(self, poll_interval, self._handle_accepted, actions, self.socket, bufsize)  # type: ignore[attr-defined]
+            else:
+                reactor.serve(self, poll_interval, self._handle_request_noblock, actions)
         finally:
             self.__shutdown_request = False
             self.__is_shut_down.set()
@@ -402,6 +400,12 @@ _OWN_GET_REQUEST = {
     TCPServer.get_request: socket.SOCK_STREAM,
     UDPServer.get_request: socket.SOCK_DGRAM,
 }
+
+
+def _overridden(server: BaseServer, name: str) -> bool:
+    """True when ``server.<name>`` is not BaseServer's own (a subclass or the instance
+    overrides it), so the engine must call it."""
+    return name in vars(server) or getattr(type(server), name) is not getattr(BaseServer, name)
 
 
 def _library_get_request(server: BaseServer, kind: int) -> bool:

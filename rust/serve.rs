@@ -1,0 +1,44 @@
+//! The `serve_forever()` loop of `BaseServer`, run in Rust.
+//!
+//! Same order as the stdlib's loop: wait up to `poll_interval`; if `shutdown()` was
+//! requested meanwhile, leave at once (bpo-35017); otherwise handle what the wait
+//! brought, call `service_actions()`, and check the request again. The flag is the
+//! server's own `_BaseServer__shutdown_request` attribute, so `shutdown()` keeps the
+//! stdlib's meaning; the engine's waker only makes the wait return at once.
+//! `service_actions` is passed only when a subclass overrides it (the base method does
+//! nothing, so skipping it is invisible).
+
+use pyo3::intern;
+use pyo3::prelude::*;
+
+pub struct StopFlag<'a, 'py> {
+    server: &'a Bound<'py, PyAny>,
+}
+
+impl StopFlag<'_, '_> {
+    pub fn is_set(&self) -> PyResult<bool> {
+        let py = self.server.py();
+        self.server
+            .getattr(intern!(py, "_BaseServer__shutdown_request"))?
+            .is_truthy()
+    }
+}
+
+/// Run rounds until shutdown is requested. A round waits, handles what it got, and
+/// returns true if it saw the shutdown request after its wait.
+pub fn serve_forever<'py>(
+    server: &Bound<'py, PyAny>,
+    service_actions: Option<&Bound<'py, PyAny>>,
+    mut round: impl FnMut(&StopFlag<'_, 'py>) -> PyResult<bool>,
+) -> PyResult<()> {
+    let stop = StopFlag { server };
+    while !stop.is_set()? {
+        if round(&stop)? {
+            break;
+        }
+        if let Some(actions) = service_actions {
+            actions.call0()?;
+        }
+    }
+    Ok(())
+}
