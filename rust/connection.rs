@@ -262,6 +262,11 @@ impl Connection {
                 let n = unsafe { libc::sendfile(usage.fd, file_fd, &mut off, want) };
                 if n > 0 {
                     total += n as u64;
+                    if mode == Mode::Blocking && limit.is_none_or(|l| total < l) {
+                        // Short on a blocking socket: a signal, or the end of the file.
+                        // Either way, run the signal handlers before going on.
+                        return Err(Error::Interrupted);
+                    }
                     continue;
                 }
                 if n == 0 {

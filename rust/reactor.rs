@@ -93,6 +93,7 @@ impl Reactor {
                 .reregister(&mut SourceFd(&fd), LISTENER, Interest::READABLE)?;
             *rearm = false;
         }
+        let mut looked = false;
         loop {
             let now = Instant::now();
             if backoff_until.is_some_and(|t| t <= now) {
@@ -130,43 +131,30 @@ impl Reactor {
                     }
                 }
             }
+            // Past the deadline, give up, but only after one look without waiting (as
+            // select() with a zero timeout does), and whatever is pending, even while
+            // accepting is backed off.
+            if deadline.is_some_and(|d| d <= now) && looked {
+                return Ok(Outcome::TimedOut);
+            }
+            looked = true;
             let wait_until = match (deadline, *backoff_until) {
                 (Some(d), Some(b)) => Some(d.min(b)),
                 (d, b) => d.or(b),
             };
-            if let Some(d) = deadline {
-                if d <= now && !*maybe_ready {
-                    // Still look once without waiting, as select() with a zero timeout does.
-                    poll.poll(events, Some(Duration::ZERO))?;
-                    if !self.note_events(events, maybe_ready) && !*maybe_ready {
-                        return Ok(Outcome::TimedOut);
-                    }
-                    if events.iter().any(|e| e.token() == WAKER) {
-                        return Ok(Outcome::Woken);
-                    }
-                    continue;
-                }
-            }
             let timeout = wait_until.map(|t| t.saturating_duration_since(now));
             poll.poll(events, timeout)?;
-            if self.note_events(events, maybe_ready) {
-                if events.iter().any(|e| e.token() == WAKER) {
-                    return Ok(Outcome::Woken);
+            let mut woken = false;
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => *maybe_ready = true,
+                    _ => woken = true,
                 }
             }
-        }
-    }
-
-    /// Record the events; true if there were any.
-    fn note_events(&self, events: &Events, maybe_ready: &mut bool) -> bool {
-        let mut any = false;
-        for ev in events.iter() {
-            any = true;
-            if ev.token() == LISTENER {
-                *maybe_ready = true;
+            if woken {
+                return Ok(Outcome::Woken);
             }
         }
-        any
     }
 
     fn run(&self, py: Python<'_>, want: Want, timeout: Option<f64>) -> PyResult<Outcome> {

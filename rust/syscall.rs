@@ -190,6 +190,11 @@ pub fn send_all(
 ) -> Result<()> {
     while *sent < data.len() {
         *sent += send(fd, &data[*sent..], flags, mode, deadline)?;
+        if mode == Mode::Blocking && *sent < data.len() {
+            // A blocking send returns short only when a signal interrupted it: let the
+            // caller run the Python signal handlers (as socket.sendall does), then resume.
+            return Err(Error::Interrupted);
+        }
     }
     Ok(())
 }
