@@ -39,6 +39,17 @@ fn _panic(message: &str) {
     panic!("{message}");
 }
 
+/// Parse a Python address for `family` as `sendto` does and give it back as the kernel
+/// would report it: the address round trip, for tests.
+#[pyfunction]
+fn _normalize_address<'py>(
+    address: &Bound<'py, PyAny>,
+    family: i32,
+) -> PyResult<Bound<'py, PyAny>> {
+    let raw = address::from_python(address, family)?;
+    address::to_python(address.py(), &raw)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<connection::Connection>()?;
@@ -55,5 +66,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.py().get_type::<pyo3::panic::PanicException>(),
     )?;
     m.add_function(wrap_pyfunction!(_panic, m)?)?;
+    m.add_function(wrap_pyfunction!(_normalize_address, m)?)?;
     Ok(())
 }
