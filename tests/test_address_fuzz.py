@@ -64,7 +64,7 @@ def test_unix_path_too_long_is_os_error():
 
 
 # Host strings stay numeric or "localhost": a random name would go to the resolver.
-hosts = st.sampled_from(["", "localhost", "127.0.0.1", "::1", "0.0.0.0", "::", "1.2.3.4.5", "::g"])
+hosts = st.sampled_from(["", "localhost", "127.0.0.1", "::1", "0.0.0.0", "::"])
 garbage = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | hosts | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=5).map(tuple) | st.lists(children, max_size=5),
