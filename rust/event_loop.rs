@@ -22,7 +22,7 @@ use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::syscall::{self, Mode, RawAddr};
 use crate::transport::{
-    Channel, DatagramTransport, LoopShared, Transport, TransportCore, CURRENT_LOOP,
+    BaseTransport, Channel, DatagramTransport, LoopShared, Transport, TransportCore, CURRENT_LOOP,
 };
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
@@ -70,7 +70,7 @@ enum Event {
 struct Conn {
     fd: RawFd,
     chan: Arc<Channel>,
-    transport: Py<Transport>,
+    transport: Py<BaseTransport>,
     protocol: Option<Py<PyAny>>,
     on_data: Option<Py<PyAny>>,
     addr: Py<PyAny>,
@@ -83,7 +83,7 @@ struct Conn {
 
 struct DatagramEndpoint {
     chan: Arc<Channel>,
-    transport: Py<DatagramTransport>,
+    transport: Py<BaseTransport>,
     protocol: Py<PyAny>,
     writable_interest: bool,
 }
@@ -533,7 +533,7 @@ impl EventLoop {
                         .and_then(|keep| keep.is_truthy(py));
                     match result {
                         Ok(true) => {}
-                        Ok(false) => conn.transport.get().core_close(py),
+                        Ok(false) => conn.transport.get().core.close(py),
                         Err(err) => self.after_callback(py, st, token, Err(err))?,
                     }
                 }
@@ -589,20 +589,18 @@ impl EventLoop {
     ) -> PyResult<()> {
         let chan = Arc::new(Channel::new(token, self.shared.clone()));
         let addr = address::to_python(py, peer)?.unbind();
-        let transport = Py::new(
+        let transport = Transport::create(
             py,
-            Transport {
-                core: TransportCore {
-                    chan: chan.clone(),
-                    protocol: Mutex::new(py.None()),
-                    peername: addr.clone_ref(py),
-                    sockname: address::to_python(py, local)?.unbind(),
-                    socket: Mutex::new(None),
-                    fd,
-                    family: self.family,
-                    kind: self.kind,
-                    proto: self.proto,
-                },
+            TransportCore {
+                chan: chan.clone(),
+                protocol: Mutex::new(py.None()),
+                peername: addr.clone_ref(py),
+                sockname: address::to_python(py, local)?.unbind(),
+                socket: Mutex::new(None),
+                fd,
+                family: self.family,
+                kind: self.kind,
+                proto: self.proto,
             },
         )?;
         st.conns[token - FIRST_CONN] = Some(Conn {
@@ -737,21 +735,18 @@ impl EventLoop {
         let chan = Arc::new(Channel::new(LISTENER.0, self.shared.clone()));
         let protocol = self.factory.call0(py)?;
         let local = syscall::sock_name(self.fd, false).map_err(PyErr::from)?;
-        let transport = Py::new(
+        let transport = DatagramTransport::create(
             py,
-            DatagramTransport {
-                core: TransportCore {
-                    chan: chan.clone(),
-                    protocol: Mutex::new(protocol.clone_ref(py)),
-                    peername: py.None(),
-                    sockname: address::to_python(py, &local)?.unbind(),
-                    socket: Mutex::new(None),
-                    fd: self.fd,
-                    family: self.family,
-                    kind: self.kind,
-                    proto: self.proto,
-                },
+            TransportCore {
+                chan: chan.clone(),
+                protocol: Mutex::new(protocol.clone_ref(py)),
+                peername: py.None(),
+                sockname: address::to_python(py, &local)?.unbind(),
+                socket: Mutex::new(None),
+                fd: self.fd,
                 family: self.family,
+                kind: self.kind,
+                proto: self.proto,
             },
         )?;
         st.datagram = Some(DatagramEndpoint {
@@ -978,13 +973,6 @@ impl EventLoop {
     #[getter]
     fn fd(&self) -> RawFd {
         self.fd
-    }
-}
-
-impl Transport {
-    /// `close()` as the loop calls it after `eof_received` returns false.
-    fn core_close(&self, py: Python<'_>) {
-        self.core.close_from_loop(py)
     }
 }
 

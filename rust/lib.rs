@@ -58,6 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reactor::Reactor>()?;
     m.add_class::<pool::WorkerPool>()?;
     m.add_class::<event_loop::EventLoop>()?;
+    m.add_class::<transport::BaseTransport>()?;
     m.add_class::<transport::Transport>()?;
     m.add_class::<transport::DatagramTransport>()?;
     m.add("DEFAULT_BUFFER_SIZE", connection::DEFAULT_BUFFER_SIZE)?;

@@ -16,6 +16,7 @@ use crate::wait::lock;
 use mio::Waker;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::PyClass;
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -205,10 +206,6 @@ impl TransportCore {
         }
     }
 
-    pub fn close_from_loop(&self, py: Python<'_>) {
-        self.close(py)
-    }
-
     pub fn close(&self, py: Python<'_>) {
         let mut st = lock(py, &self.chan.state);
         if st.closing || st.closed {
@@ -254,42 +251,15 @@ impl TransportCore {
     }
 }
 
-/// The transport of one stream connection (`asyncio.Transport`'s methods).
-#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
-pub struct Transport {
+/// What every transport has (`asyncio.BaseTransport` and the write-buffer methods of
+/// `asyncio.WriteTransport`); `Transport` and `DatagramTransport` extend it.
+#[pyclass(module = "fastsocketserver._core", frozen, subclass, weakref)]
+pub struct BaseTransport {
     pub core: TransportCore,
 }
 
 #[pymethods]
-impl Transport {
-    /// Queue `data` for sending; it goes out in the loop's next I/O phase.
-    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let buf = RawBuffer::get(data, false)?;
-        self.write_slice(py, buf.as_slice())
-    }
-
-    fn writelines(&self, py: Python<'_>, lines: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut joined = Vec::new();
-        for line in lines.try_iter()? {
-            joined.extend_from_slice(RawBuffer::get(&line?, false)?.as_slice());
-        }
-        self.write_slice(py, &joined)
-    }
-
-    /// Close the write side once the queued data is sent.
-    fn write_eof(&self, py: Python<'_>) {
-        let mut st = lock(py, &self.core.chan.state);
-        if st.closing || st.closed || st.eof_requested {
-            return;
-        }
-        st.eof_requested = true;
-        self.core.chan.mark_dirty(&mut st);
-    }
-
-    fn can_write_eof(&self) -> bool {
-        true
-    }
-
+impl BaseTransport {
     /// Close after the queued data is sent; `connection_lost(None)` follows.
     fn close(&self, py: Python<'_>) {
         self.core.close(py)
@@ -304,27 +274,6 @@ impl Transport {
         self.core.is_closing(py)
     }
 
-    fn pause_reading(&self, py: Python<'_>) {
-        let mut st = lock(py, &self.core.chan.state);
-        if !st.closing && !st.closed {
-            st.read_paused = true;
-        }
-    }
-
-    fn resume_reading(&self, py: Python<'_>) {
-        let mut st = lock(py, &self.core.chan.state);
-        if st.read_paused && !st.closing && !st.closed {
-            st.read_paused = false;
-            st.read_resumed = true;
-            self.core.chan.mark_dirty(&mut st);
-        }
-    }
-
-    fn is_reading(&self, py: Python<'_>) -> bool {
-        let st = lock(py, &self.core.chan.state);
-        !st.read_paused && !st.closing && !st.closed
-    }
-
     fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
         lock(py, &self.core.chan.state).pending()
     }
@@ -361,16 +310,88 @@ impl Transport {
     fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>) {
         *lock(py, &self.core.protocol) = protocol;
     }
+}
 
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let peer = self
-            .core
+/// The transport of one stream connection (`asyncio.Transport`'s methods).
+#[pyclass(module = "fastsocketserver._core", frozen, extends = BaseTransport)]
+pub struct Transport;
+
+impl Transport {
+    pub fn create(py: Python<'_>, core: TransportCore) -> PyResult<Py<BaseTransport>> {
+        let init = PyClassInitializer::from(BaseTransport { core }).add_subclass(Transport);
+        Ok(Bound::new(py, init)?.into_super().unbind())
+    }
+}
+
+fn core_of<'a, T: PyClass<BaseType = BaseTransport> + Sync>(
+    slf: &'a Bound<'_, T>,
+) -> &'a TransportCore {
+    &slf.as_super().get().core
+}
+
+#[pymethods]
+impl Transport {
+    /// Queue `data` for sending; it goes out in the loop's next I/O phase.
+    fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let buf = RawBuffer::get(data, false)?;
+        write_slice(slf.py(), core_of(slf), buf.as_slice())
+    }
+
+    fn writelines(slf: &Bound<'_, Self>, lines: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut joined = Vec::new();
+        for line in lines.try_iter()? {
+            joined.extend_from_slice(RawBuffer::get(&line?, false)?.as_slice());
+        }
+        write_slice(slf.py(), core_of(slf), &joined)
+    }
+
+    /// Close the write side once the queued data is sent.
+    fn write_eof(slf: &Bound<'_, Self>) {
+        let core = core_of(slf);
+        let mut st = lock(slf.py(), &core.chan.state);
+        if st.closing || st.closed || st.eof_requested {
+            return;
+        }
+        st.eof_requested = true;
+        core.chan.mark_dirty(&mut st);
+    }
+
+    fn can_write_eof(&self) -> bool {
+        true
+    }
+
+    fn pause_reading(slf: &Bound<'_, Self>) {
+        let mut st = lock(slf.py(), &core_of(slf).chan.state);
+        if !st.closing && !st.closed {
+            st.read_paused = true;
+        }
+    }
+
+    fn resume_reading(slf: &Bound<'_, Self>) {
+        let core = core_of(slf);
+        let mut st = lock(slf.py(), &core.chan.state);
+        if st.read_paused && !st.closing && !st.closed {
+            st.read_paused = false;
+            st.read_resumed = true;
+            core.chan.mark_dirty(&mut st);
+        }
+    }
+
+    fn is_reading(slf: &Bound<'_, Self>) -> bool {
+        let st = lock(slf.py(), &core_of(slf).chan.state);
+        !st.read_paused && !st.closing && !st.closed
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> String {
+        let py = slf.py();
+        let core = core_of(slf);
+        let peer = core
             .peername
             .bind(py)
             .repr()
             .map(|r| r.to_string())
             .unwrap_or_default();
-        let state = if self.core.is_closing(py) {
+        let state = if core.is_closing(py) {
             "closing"
         } else {
             "open"
@@ -379,35 +400,41 @@ impl Transport {
     }
 }
 
-impl Transport {
-    fn write_slice(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        {
-            let mut st = lock(py, &self.core.chan.state);
-            if st.eof_requested {
-                return Err(PyRuntimeError::new_err(
-                    "Cannot call write() after write_eof()",
-                ));
-            }
-            if st.closing || st.aborting || st.closed || data.is_empty() {
-                return Ok(());
-            }
-            if st.out_pos > 0 && st.out_pos == st.out.len() {
-                st.out.clear();
-                st.out_pos = 0;
-            }
-            st.out.extend_from_slice(data);
-            self.core.chan.mark_dirty(&mut st);
+fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResult<()> {
+    {
+        let mut st = lock(py, &core.chan.state);
+        if st.eof_requested {
+            return Err(PyRuntimeError::new_err(
+                "Cannot call write() after write_eof()",
+            ));
         }
-        self.core.maybe_pause(py);
-        Ok(())
+        if st.closing || st.aborting || st.closed || data.is_empty() {
+            return Ok(());
+        }
+        if st.out_pos > 0 && st.out_pos == st.out.len() {
+            st.out.clear();
+            st.out_pos = 0;
+        }
+        st.out.extend_from_slice(data);
+        core.chan.mark_dirty(&mut st);
     }
+    core.maybe_pause(py);
+    Ok(())
 }
 
 /// The transport of a datagram server socket (`asyncio.DatagramTransport`'s methods).
-#[pyclass(module = "fastsocketserver._core", frozen, weakref)]
+#[pyclass(module = "fastsocketserver._core", frozen, extends = BaseTransport)]
 pub struct DatagramTransport {
-    pub core: TransportCore,
-    pub family: i32,
+    family: i32,
+}
+
+impl DatagramTransport {
+    pub fn create(py: Python<'_>, core: TransportCore) -> PyResult<Py<BaseTransport>> {
+        let family = core.family;
+        let init = PyClassInitializer::from(BaseTransport { core })
+            .add_subclass(DatagramTransport { family });
+        Ok(Bound::new(py, init)?.into_super().unbind())
+    }
 }
 
 #[pymethods]
@@ -415,83 +442,35 @@ impl DatagramTransport {
     /// Queue one datagram for `addr`; it goes out in the loop's next I/O phase.
     #[pyo3(signature = (data, addr = None))]
     fn sendto(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         data: &Bound<'_, PyAny>,
         addr: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        let py = slf.py();
+        let core = core_of(slf);
         let buf = RawBuffer::get(data, false)?;
         let Some(addr) = addr.filter(|a| !a.is_none()) else {
             return Err(PyValueError::new_err(
                 "Invalid address: must be a destination for an unconnected socket",
             ));
         };
-        let raw = address::from_python(addr, self.family)?;
+        let raw = address::from_python(addr, slf.get().family)?;
         {
-            let mut st = lock(py, &self.core.chan.state);
+            let mut st = lock(py, &core.chan.state);
             if st.closing || st.aborting || st.closed {
                 return Ok(());
             }
             st.datagram_bytes += buf.len();
             st.datagrams.push_back((buf.as_slice().to_vec(), raw));
-            self.core.chan.mark_dirty(&mut st);
+            core.chan.mark_dirty(&mut st);
         }
-        self.core.maybe_pause(py);
+        core.maybe_pause(py);
         Ok(())
     }
 
-    fn close(&self, py: Python<'_>) {
-        self.core.close(py)
-    }
-
-    fn abort(&self, py: Python<'_>) {
-        self.core.abort(py)
-    }
-
-    fn is_closing(&self, py: Python<'_>) -> bool {
-        self.core.is_closing(py)
-    }
-
-    fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
-        lock(py, &self.core.chan.state).pending()
-    }
-
-    fn get_write_buffer_limits(&self, py: Python<'_>) -> (usize, usize) {
-        let st = lock(py, &self.core.chan.state);
-        (st.low, st.high)
-    }
-
-    #[pyo3(signature = (high = None, low = None))]
-    fn set_write_buffer_limits(
-        &self,
-        py: Python<'_>,
-        high: Option<usize>,
-        low: Option<usize>,
-    ) -> PyResult<()> {
-        self.core.set_limits(py, high, low)
-    }
-
-    #[pyo3(signature = (name, default = None))]
-    fn get_extra_info(
-        &self,
-        py: Python<'_>,
-        name: &str,
-        default: Option<Py<PyAny>>,
-    ) -> PyResult<Py<PyAny>> {
-        self.core.get_extra_info(py, name, default)
-    }
-
-    fn get_protocol(&self, py: Python<'_>) -> Py<PyAny> {
-        lock(py, &self.core.protocol).clone_ref(py)
-    }
-
-    fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>) {
-        *lock(py, &self.core.protocol) = protocol;
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let local = self
-            .core
+    fn __repr__(slf: &Bound<'_, Self>) -> String {
+        let py = slf.py();
+        let local = core_of(slf)
             .sockname
             .bind(py)
             .repr()
