@@ -21,6 +21,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// How long `submit` waits for a free worker (at the cap) between signal checks.
+const CAPACITY_WAIT_SLICE: Duration = Duration::from_millis(50);
+
 /// Stack size of worker threads: what a `threading.Thread` gets by default on Linux.
 const WORKER_STACK: usize = 8 * 1024 * 1024;
 
@@ -251,7 +254,12 @@ impl WorkerPool {
         let mut st = shared.lock();
         while !has_room(&st) {
             drop(st);
-            py.detach(|| drop(shared.wait_done(shared.lock(), None, has_room)));
+            // Wait in slices, running the signal handlers between them (Ctrl-C must
+            // not wait for a busy handler). A handler that raises ends the wait before
+            // the job is queued, so the caller still owns the request.
+            let slice = Some(Instant::now() + CAPACITY_WAIT_SLICE);
+            py.detach(|| drop(shared.wait_done(shared.lock(), slice, has_room)));
+            py.check_signals()?;
             st = shared.lock();
         }
         if st.closing {

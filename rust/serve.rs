@@ -6,7 +6,8 @@
 //! server's own `_BaseServer__shutdown_request` attribute, so `shutdown()` keeps the
 //! stdlib's meaning; the engine's waker only makes the wait return at once.
 //! `service_actions` is passed only when a subclass overrides it (the base method does
-//! nothing, so skipping it is invisible).
+//! nothing, so skipping it is invisible). Pending Python signal handlers run before
+//! every wait.
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -32,7 +33,13 @@ pub fn serve_forever<'py>(
     mut round: impl FnMut(&StopFlag<'_, 'py>) -> PyResult<bool>,
 ) -> PyResult<()> {
     let stop = StopFlag { server };
+    let py = server.py();
+    // Run pending signal handlers before every wait: a signal delivered while this
+    // thread ran Rust code, or received by another thread (which does not interrupt
+    // this thread's wait), is acted on within one `poll_interval`, as in the stdlib,
+    // whose loop runs Python code between its waits.
     while !stop.is_set()? {
+        py.check_signals()?;
         if round(&stop)? {
             break;
         }
