@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-_core = pytest.importorskip("fastsocketserver._core")
+from fastsocketserver import _core
 
 ACCEPTABLE_ERRORS = (TypeError, ValueError, OverflowError, OSError, UnicodeError, IndexError)
 

@@ -84,7 +84,7 @@ COMMON_SETTINGS = dict(
 @pytest.fixture(scope="module")
 def target_name():
     if TARGET != STDLIB:
-        pytest.importorskip(TARGET)
+        __import__(TARGET)  # a broken build fails here, never skips
     return TARGET
 
 
