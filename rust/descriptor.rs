@@ -25,6 +25,10 @@ struct FdState {
 
 pub struct SocketCore {
     state: Mutex<FdState>,
+    /// Bytes a buffered writer (`wbufsize > 0`) queued and has not sent yet; the
+    /// reader sends them inside its next wait's GIL release (DESIGN.md §5). The lock
+    /// is held only to move bytes in or out, never across a system call.
+    outbox: Mutex<Vec<u8>>,
     mode: AtomicI64,
     io_refs: AtomicUsize,
     owner_closed: AtomicBool,
@@ -60,6 +64,7 @@ impl SocketCore {
                 users: 0,
                 pending_close: None,
             }),
+            outbox: Mutex::new(Vec::new()),
             mode: AtomicI64::new(Mode::Blocking.to_nanos()),
             io_refs: AtomicUsize::new(0),
             owner_closed: AtomicBool::new(false),
@@ -117,6 +122,32 @@ impl SocketCore {
             // SAFETY: fd is ours and unused.
             unsafe { libc::close(fd) };
         }
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue bytes for sending; returns how many are queued now.
+    pub fn queue_out(&self, data: &[u8]) -> usize {
+        let mut out = self.outbox();
+        out.extend_from_slice(data);
+        out.len()
+    }
+
+    /// Take everything queued, to send it.
+    pub fn take_out(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.outbox())
+    }
+
+    /// Put back what could not be sent, ahead of anything queued since.
+    pub fn restore_out(&self, mut unsent: Vec<u8>) {
+        if unsent.is_empty() {
+            return;
+        }
+        let mut out = self.outbox();
+        unsent.extend_from_slice(&out);
+        *out = unsent;
     }
 
     /// Give up ownership without closing (`socket.detach()`).

@@ -1,7 +1,8 @@
 //! `SocketReader`: the handler's `rfile`, an `io.BufferedReader` over the connection.
 //!
 //! Reads are served from the buffer with no system call and no GIL release whenever the
-//! data is there; otherwise one release covers the `recv` that waits (DESIGN.md §5).
+//! data is there; otherwise one release covers the `recv` that waits, after sending what
+//! a buffered `wfile` queued on the connection (DESIGN.md §5).
 //! Semantics follow `socket.makefile('rb', n)`: `read(n)` waits for `n` bytes or EOF,
 //! `read1` returns what one receive gives, `readline(limit)`, `readlines(hint)`,
 //! `readinto`, `peek`, iteration. A buffer size of 0 gives the unbuffered `SocketIO`
@@ -104,7 +105,14 @@ impl SocketReader {
         let deadline = mode.deadline();
         let fd = usage.fd;
         let buf = &mut st.buf;
-        let result = blocking(py, || syscall::recv_append(fd, buf, max, 0, mode, deadline));
+        // What a buffered wfile queued goes out inside this same release, before the wait.
+        let out = self.core.take_out();
+        let mut sent = 0usize;
+        let result = blocking(py, || {
+            syscall::send_all(fd, &out, &mut sent, 0, mode, deadline)?;
+            syscall::recv_append(fd, buf, max, 0, mode, deadline)
+        });
+        self.core.restore_out(out[sent..].to_vec());
         if let Err(err) = &result {
             if err.is_instance_of::<pyo3::exceptions::PyTimeoutError>(py) {
                 st.timed_out = true;

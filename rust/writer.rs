@@ -4,7 +4,10 @@
 //! `_SocketWriter`: every `write` is sent completely before it returns (inside one GIL
 //! release, resumed after signals whose handlers do not raise) and returns the byte
 //! count. With a buffer size `n > 0` it is a `BufferedWriter`: bytes are queued and sent
-//! when `n` are pending, at `flush()` and at `close()`.
+//! when `n` are pending, at `flush()`, at `close()`, and (unlike the stdlib, where a
+//! handler that forgets `flush()` before reading waits forever) inside the GIL release of
+//! the connection reader's next wait, so a request/response handler pays one release
+//! per request instead of two.
 
 use crate::buffer::RawBuffer;
 use crate::connection::send_all;
@@ -18,7 +21,6 @@ use pyo3::types::PyTuple;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 struct WriterState {
-    pending: Vec<u8>,
     closed: bool,
 }
 
@@ -35,10 +37,7 @@ impl SocketWriter {
         SocketWriter {
             core,
             bufsize,
-            state: Mutex::new(WriterState {
-                pending: Vec::new(),
-                closed: false,
-            }),
+            state: Mutex::new(WriterState { closed: false }),
         }
     }
 
@@ -50,27 +49,32 @@ impl SocketWriter {
         Ok(st)
     }
 
-    fn flush_pending(&self, py: Python<'_>, st: &mut WriterState) -> PyResult<()> {
-        if st.pending.is_empty() {
+    /// Send everything queued on the connection.
+    fn flush_pending(&self, py: Python<'_>) -> PyResult<()> {
+        let data = self.core.take_out();
+        if data.is_empty() {
             return Ok(());
         }
-        let data = std::mem::take(&mut st.pending);
-        let result = send_all(py, &self.core, &data, 0);
-        if result.is_err() {
-            // Keep what was not sent, as BufferedWriter does; the caller sees the error.
-            st.pending = data;
-        }
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let mut sent = 0usize;
+        let fd = usage.fd;
+        let result = crate::wait::blocking(py, || {
+            crate::syscall::send_all(fd, &data, &mut sent, 0, mode, deadline)
+        });
+        // Keep what was not sent, as BufferedWriter does; the caller sees the error.
+        self.core.restore_out(data[sent..].to_vec());
         result
     }
 
     fn write_bytes(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        let mut st = self.open_state(py, "write to")?;
+        let _open = self.open_state(py, "write to")?;
         if self.bufsize == 0 {
             return send_all(py, &self.core, data, 0);
         }
-        st.pending.extend_from_slice(data);
-        if st.pending.len() >= self.bufsize {
-            self.flush_pending(py, &mut st)?;
+        if self.core.queue_out(data) >= self.bufsize {
+            self.flush_pending(py)?;
         }
         Ok(())
     }
@@ -80,9 +84,8 @@ impl SocketWriter {
         if st.closed {
             return Ok(());
         }
-        let flushed = self.flush_pending(py, &mut st);
+        let flushed = self.flush_pending(py);
         st.closed = true;
-        st.pending = Vec::new();
         drop(st);
         if self.core.drop_io_ref() {
             py.detach(|| self.core.close_now());
@@ -109,8 +112,8 @@ impl SocketWriter {
     }
 
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        let mut st = self.open_state(py, "flush of")?;
-        self.flush_pending(py, &mut st)
+        let _open = self.open_state(py, "flush of")?;
+        self.flush_pending(py)
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
