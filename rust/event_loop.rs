@@ -22,7 +22,8 @@ use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::syscall::{self, Mode, RawAddr};
 use crate::transport::{
-    BaseTransport, Channel, DatagramTransport, LoopShared, Transport, TransportCore, CURRENT_LOOP,
+    BaseTransport, ChanState, Channel, DatagramTransport, LoopShared, Transport, TransportCore,
+    CURRENT_LOOP,
 };
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
@@ -379,24 +380,14 @@ impl EventLoop {
             cs.out.clear();
             cs.out_pos = 0;
         }
-        let left = cs.pending();
-        if cs.writing_paused && left <= cs.low {
-            cs.writing_paused = false;
-            pending.push_back(Event::Resume(token));
-        }
-        let want_writable = left > 0;
-        if want_writable != conn.writable_interest {
-            let interest = if want_writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if let Some(poll) = poll.as_ref() {
-                poll.registry()
-                    .reregister(&mut SourceFd(&conn.fd), Token(token), interest)?;
-            }
-            conn.writable_interest = want_writable;
-        }
+        let left = after_flush(&mut cs, pending, token);
+        watch_writable(
+            poll.as_ref(),
+            conn.fd,
+            Token(token),
+            left > 0,
+            &mut conn.writable_interest,
+        )?;
         if left == 0 {
             if cs.eof_requested && !cs.eof_sent {
                 cs.eof_sent = true;
@@ -438,23 +429,14 @@ impl EventLoop {
                 }
             }
         }
-        if cs.writing_paused && cs.pending() <= cs.low {
-            cs.writing_paused = false;
-            pending.push_back(Event::Resume(LISTENER.0));
-        }
-        let want_writable = !cs.datagrams.is_empty();
-        if want_writable != ep.writable_interest {
-            let interest = if want_writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if let Some(poll) = poll.as_ref() {
-                poll.registry()
-                    .reregister(&mut SourceFd(&self.fd), LISTENER, interest)?;
-            }
-            ep.writable_interest = want_writable;
-        }
+        let left = after_flush(&mut cs, pending, LISTENER.0);
+        watch_writable(
+            poll.as_ref(),
+            self.fd,
+            LISTENER,
+            left > 0,
+            &mut ep.writable_interest,
+        )?;
         Ok(())
     }
 
@@ -760,6 +742,42 @@ impl EventLoop {
             .map(drop);
         self.after_callback(py, st, LISTENER.0, result)
     }
+}
+
+/// After sending: the bytes still queued; queues `resume_writing` if the protocol was
+/// paused and the queue is down to the low-water mark.
+fn after_flush(cs: &mut ChanState, pending: &mut VecDeque<Event>, token: usize) -> usize {
+    let left = cs.pending();
+    if cs.writing_paused && left <= cs.low {
+        cs.writing_paused = false;
+        pending.push_back(Event::Resume(token));
+    }
+    left
+}
+
+/// Watch `fd` for writability only while it has bytes queued (edge-triggered: the
+/// event after `EAGAIN` says when to send again).
+fn watch_writable(
+    poll: Option<&Poll>,
+    fd: RawFd,
+    token: Token,
+    want: bool,
+    watching: &mut bool,
+) -> Result<()> {
+    if want == *watching {
+        return Ok(());
+    }
+    let interest = if want {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    if let Some(poll) = poll {
+        poll.registry()
+            .reregister(&mut SourceFd(&fd), token, interest)?;
+    }
+    *watching = want;
+    Ok(())
 }
 
 /// Close a connection's descriptor now (detached phase) and queue its `connection_lost`.
