@@ -43,6 +43,23 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// `TCPServer.shutdown_request` inline: `shutdown(SHUT_WR)` (errors ignored, as
+    /// the stdlib ignores them) and `close()`, in one GIL release.
+    pub fn shutdown_and_close(&self, py: Python<'_>) {
+        let core = &*self.core;
+        py.detach(|| {
+            if let Ok(usage) = core.begin() {
+                // SAFETY: the descriptor is open while `usage` lives.
+                unsafe { libc::shutdown(usage.fd, libc::SHUT_WR) };
+            }
+            if core.owner_close() {
+                core.close_now();
+            }
+        });
+    }
+}
+
 /// Convert a Python timeout (`None` or seconds) to a mode, as `settimeout` validates it.
 pub fn parse_timeout(value: Option<&Bound<'_, PyAny>>) -> PyResult<Mode> {
     let Some(value) = value.filter(|v| !v.is_none()) else {
@@ -166,7 +183,7 @@ impl Connection {
         let usage = self.core.begin()?;
         let mode = self.core.mode();
         let deadline = mode.deadline();
-        let mut buf = vec![0u8; size];
+        let mut buf = vec![0u8; size.min(syscall::MAX_RECV)];
         let (n, addr) = blocking(py, || {
             syscall::recvfrom(usage.fd, &mut buf, flags, mode, deadline)
         })?;

@@ -21,6 +21,8 @@ pub enum Error {
     Interrupted,
     /// I/O on a closed file object (`ValueError`, as `io` raises it).
     ClosedFile,
+    /// A buffer could not grow (`MemoryError`; Rust would otherwise abort).
+    NoMemory,
     /// An exception already built by Python code.
     Py(PyErr),
 }
@@ -68,6 +70,7 @@ impl From<Error> for PyErr {
             Error::Interrupted => os_error(libc::EINTR),
             Error::Timeout => PyTimeoutError::new_err("timed out"),
             Error::ClosedFile => PyValueError::new_err("I/O operation on closed file."),
+            Error::NoMemory => pyo3::exceptions::PyMemoryError::new_err(()),
             Error::Py(err) => err,
         }
     }
@@ -82,6 +85,33 @@ fn os_error(code: i32) -> PyErr {
             Err(err) => err,
         },
     )
+}
+
+/// True for what the dispatch boundary sends to `handle_error`: an `Exception`, or a
+/// Rust panic (PyO3's PanicException is a BaseException, which the stdlib's
+/// `except Exception` would let through and stop the server).
+pub fn is_handled(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<pyo3::exceptions::PyException>(py)
+        || err.is_instance_of::<pyo3::panic::PanicException>(py)
+}
+
+/// Run a call into Python code. PyO3 turns a `PanicException` raised there (a Rust
+/// panic that already crossed into Python once) into a resumed Rust panic when the
+/// error comes back; this catches it and makes it the Python exception again, so the
+/// dispatch boundary can send it to `handle_error` like any other failure of one
+/// request.
+pub fn catch_panic<T>(call: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic from Rust code".to_owned());
+            Err(pyo3::panic::PanicException::new_err((message,)))
+        }
+    }
 }
 
 impl From<PyErr> for Error {

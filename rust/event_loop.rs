@@ -19,7 +19,7 @@
 
 use crate::address;
 use crate::connection::Connection;
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::syscall::{self, Mode, RawAddr};
 use crate::transport::{
     BaseTransport, ChanState, Channel, DatagramTransport, LoopShared, Transport, TransportCore,
@@ -28,7 +28,7 @@ use crate::transport::{
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use pyo3::exceptions::{PyException, PyTimeoutError};
+use pyo3::exceptions::PyTimeoutError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
@@ -500,7 +500,7 @@ impl EventLoop {
                         }
                     }
                     let data = PyBytes::new(py, &st.arena[start..start + len]);
-                    let result = on_data.call1(py, (data,)).map(drop);
+                    let result = catch_panic(|| on_data.call1(py, (data,))).map(drop);
                     self.after_callback(py, st, token, result)?;
                 }
                 Event::Eof(token) => {
@@ -510,8 +510,7 @@ impl EventLoop {
                     let Some(protocol) = conn.protocol.as_ref() else {
                         continue;
                     };
-                    let result = protocol
-                        .call_method0(py, "eof_received")
+                    let result = catch_panic(|| protocol.call_method0(py, "eof_received"))
                         .and_then(|keep| keep.is_truthy(py));
                     match result {
                         Ok(true) => {}
@@ -527,7 +526,8 @@ impl EventLoop {
                             .and_then(|c| c.protocol.as_ref().map(|p| p.clone_ref(py)))
                     };
                     if let Some(protocol) = protocol {
-                        let result = protocol.call_method0(py, "resume_writing").map(drop);
+                        let result =
+                            catch_panic(|| protocol.call_method0(py, "resume_writing")).map(drop);
                         self.after_callback(py, st, token, result)?;
                     }
                 }
@@ -538,10 +538,11 @@ impl EventLoop {
                     };
                     let data = PyBytes::new(py, &st.arena[start..start + len]);
                     let addr = address::to_python(py, &addr)?;
-                    let result = ep
-                        .protocol
-                        .call_method1(py, "datagram_received", (data, addr))
-                        .map(drop);
+                    let result = catch_panic(|| {
+                        ep.protocol
+                            .call_method1(py, "datagram_received", (data, addr))
+                    })
+                    .map(drop);
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
                 Event::DatagramError(code) => {
@@ -549,10 +550,11 @@ impl EventLoop {
                         continue;
                     };
                     let exc: PyErr = Error::Os(code).into();
-                    let result = ep
-                        .protocol
-                        .call_method1(py, "error_received", (exc.value(py),))
-                        .map(drop);
+                    let result = catch_panic(|| {
+                        ep.protocol
+                            .call_method1(py, "error_received", (exc.value(py),))
+                    })
+                    .map(drop);
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
             }
@@ -570,21 +572,41 @@ impl EventLoop {
         local: &RawAddr,
     ) -> PyResult<()> {
         let chan = Arc::new(Channel::new(token, self.shared.clone()));
-        let addr = address::to_python(py, peer)?.unbind();
-        let transport = Transport::create(
-            py,
-            TransportCore {
-                chan: chan.clone(),
-                protocol: Mutex::new(py.None()),
-                peername: addr.clone_ref(py),
-                sockname: address::to_python(py, local)?.unbind(),
-                socket: Mutex::new(None),
-                fd,
-                family: self.family,
-                kind: self.kind,
-                proto: self.proto,
-            },
-        )?;
+        let objects = (|| -> PyResult<(Py<PyAny>, Py<BaseTransport>)> {
+            let addr = address::to_python(py, peer)?.unbind();
+            let transport = Transport::create(
+                py,
+                TransportCore {
+                    chan: chan.clone(),
+                    protocol: Mutex::new(py.None()),
+                    peername: addr.clone_ref(py),
+                    sockname: address::to_python(py, local)?.unbind(),
+                    socket: Mutex::new(None),
+                    fd,
+                    family: self.family,
+                    kind: self.kind,
+                    proto: self.proto,
+                },
+            )?;
+            Ok((addr, transport))
+        })();
+        let (addr, transport) = match objects {
+            Ok(objects) => objects,
+            Err(err) => {
+                // No connection object could be made (MemoryError, say): drop this
+                // client, free its slot, and report like any per-connection failure.
+                let poll = st.poll.as_ref();
+                py.detach(|| {
+                    if let Some(poll) = poll {
+                        let _ = poll.registry().deregister(&mut SourceFd(&fd));
+                    }
+                    // SAFETY: accepted by the loop, owned by no connection.
+                    unsafe { libc::close(fd) };
+                });
+                st.free.push(token);
+                return self.report(py, py.None(), py.None(), err);
+            }
+        };
         st.conns[token - FIRST_CONN] = Some(Conn {
             fd,
             chan,
@@ -599,8 +621,7 @@ impl EventLoop {
             error: None,
         });
         if let Some(verify) = &self.verify {
-            match verify
-                .call1(py, (transport.clone_ref(py), addr.clone_ref(py)))
+            match catch_panic(|| verify.call1(py, (transport.clone_ref(py), addr.clone_ref(py))))
                 .and_then(|ok| ok.is_truthy(py))
             {
                 Ok(true) => {}
@@ -611,7 +632,7 @@ impl EventLoop {
                 Err(err) => return self.after_callback(py, st, token, Err(err)),
             }
         }
-        let made = (|| -> PyResult<()> {
+        let made = catch_panic(|| -> PyResult<()> {
             let protocol = self.factory.call0(py)?;
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
             let on_data = protocol.getattr(py, "data_received")?;
@@ -621,7 +642,7 @@ impl EventLoop {
             }
             protocol.call_method1(py, "connection_made", (transport.clone_ref(py),))?;
             Ok(())
-        })();
+        });
         self.after_callback(py, st, token, made)
     }
 
@@ -647,9 +668,7 @@ impl EventLoop {
             .as_ref()
             .map(|e| e.value(py).clone().into_any().unbind())
             .unwrap_or_else(|| py.None());
-        let result = protocol
-            .call_method1(py, "connection_lost", (arg,))
-            .map(drop);
+        let result = catch_panic(|| protocol.call_method1(py, "connection_lost", (arg,))).map(drop);
         conn.transport.get().core.release(py);
         match result {
             Ok(()) => Ok(()),
@@ -737,9 +756,8 @@ impl EventLoop {
             protocol: protocol.clone_ref(py),
             writable_interest: false,
         });
-        let result = protocol
-            .call_method1(py, "connection_made", (transport,))
-            .map(drop);
+        let result =
+            catch_panic(|| protocol.call_method1(py, "connection_made", (transport,))).map(drop);
         self.after_callback(py, st, LISTENER.0, result)
     }
 }
@@ -803,12 +821,6 @@ fn close_conn(
     // SAFETY: the loop owns the descriptor; it is closed exactly once, here.
     unsafe { libc::close(conn.fd) };
     pending.push_back(Event::Lost(token, why));
-}
-
-/// True for what the dispatch boundary sends to `handle_error`: an `Exception`, or a
-/// Rust panic (PyO3's PanicException is a BaseException).
-fn is_handled(py: Python<'_>, err: &PyErr) -> bool {
-    err.is_instance_of::<PyException>(py) || err.is_instance_of::<pyo3::panic::PanicException>(py)
 }
 
 #[pymethods]
@@ -881,7 +893,7 @@ impl EventLoop {
     /// events, run the callbacks. True if anything happened, False on timeout or wake.
     #[pyo3(signature = (timeout = None))]
     fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.clamp(0.0, 1e9)));
+        let deadline = syscall::deadline_after(timeout);
         let mut guard = lock(py, &self.state);
         let st = &mut *guard;
         self.start(py, st)?;
@@ -922,9 +934,21 @@ impl EventLoop {
         let poll = st.poll.take();
         let conns = std::mem::take(&mut st.conns);
         let datagram = st.datagram.take();
-        st.pending.clear();
+        // Connections accepted but not yet handed to a protocol are only descriptors.
+        let unclaimed: Vec<RawFd> = st
+            .pending
+            .drain(..)
+            .filter_map(|event| match event {
+                Event::Accepted(_, fd, _, _) => Some(fd),
+                _ => None,
+            })
+            .collect();
         drop(guard);
         py.detach(|| {
+            for fd in unclaimed {
+                // SAFETY: accepted by the loop, owned by no connection yet.
+                unsafe { libc::close(fd) };
+            }
             for conn in conns.iter().flatten().filter(|c| !c.closed) {
                 if let Some(poll) = poll.as_ref() {
                     let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
@@ -944,7 +968,9 @@ impl EventLoop {
         drop(poll);
         let mut first_err = None;
         let mut lost = |protocol: &Py<PyAny>| {
-            if let Err(err) = protocol.call_method1(py, "connection_lost", (py.None(),)) {
+            if let Err(err) =
+                catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),)))
+            {
                 first_err.get_or_insert(err);
             }
         };

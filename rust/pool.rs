@@ -14,6 +14,7 @@
 //! Worker threads block asynchronous signals, so SIGINT/SIGTERM reach the main thread
 //! (whose waits they interrupt) and never a worker.
 
+use crate::error::catch_panic;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -146,7 +147,7 @@ fn worker(shared: Arc<Shared>) {
         let Some(job) = py.detach(|| shared.next_job(std::mem::take(&mut first))) else {
             break;
         };
-        if let Err(err) = job.func.call1(py, job.args.bind(py).clone()) {
+        if let Err(err) = catch_panic(|| job.func.call1(py, job.args.bind(py).clone())) {
             report(py, err);
         }
         let tracked = job.tracked;
@@ -204,10 +205,6 @@ fn spawn_worker(shared: Arc<Shared>) -> std::io::Result<()> {
 #[pyclass(module = "fastsocketserver._core", frozen, weakref)]
 pub struct WorkerPool {
     shared: Arc<Shared>,
-}
-
-fn deadline(timeout: Option<f64>) -> Option<Instant> {
-    timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)))
 }
 
 #[pymethods]
@@ -318,7 +315,7 @@ impl WorkerPool {
     #[pyo3(signature = (timeout = None))]
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
         let shared = &*self.shared;
-        let until = deadline(timeout);
+        let until = crate::syscall::deadline_after(timeout);
         py.detach(|| shared.wait_done(shared.lock(), until, |s| s.tracked == 0).1)
     }
 
@@ -327,7 +324,7 @@ impl WorkerPool {
     #[pyo3(signature = (timeout = None))]
     fn close(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
         let shared = &*self.shared;
-        let until = deadline(timeout);
+        let until = crate::syscall::deadline_after(timeout);
         py.detach(|| {
             let mut st = shared.lock();
             st.closing = true;

@@ -17,12 +17,12 @@
 
 use crate::address;
 use crate::connection::Connection;
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::syscall::{self, Mode, RawAddr};
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::os::fd::RawFd;
@@ -116,7 +116,7 @@ impl Reactor {
                         Err(err) => return Err(err),
                     },
                     Want::Datagram(size) => {
-                        datagram.resize(*size, 0);
+                        datagram.resize((*size).min(syscall::MAX_RECV), 0);
                         match syscall::recvfrom(
                             fd,
                             datagram,
@@ -158,19 +158,36 @@ impl Reactor {
     }
 
     fn run(&self, py: Python<'_>, want: Want, timeout: Option<f64>) -> PyResult<Outcome> {
-        let deadline = match timeout {
-            None => None,
-            Some(t) if t.is_nan() || t < 0.0 => Some(Instant::now()),
-            Some(t) => Some(
-                Instant::now()
-                    + Duration::try_from_secs_f64(t)
-                        .map_err(|_| PyValueError::new_err("timeout too large"))?,
-            ),
-        };
+        let deadline = syscall::deadline_after(timeout);
         let mut st = lock(py, &self.state);
         let st = &mut *st;
         blocking(py, || self.step(st, &want, deadline))
     }
+}
+
+/// `BaseServer._handle_accepted` with the library's own hooks, for one request.
+fn inline_dispatch(
+    server: &Bound<'_, PyAny>,
+    report: &Bound<'_, PyAny>,
+    request: &Bound<'_, PyAny>,
+    addr: &Bound<'_, PyAny>,
+    conn: Option<&Bound<'_, Connection>>,
+) -> PyResult<()> {
+    let py = server.py();
+    let handler = server.getattr(intern!(py, "RequestHandlerClass"))?;
+    let outcome = match catch_panic(|| handler.call1((request, addr, server))) {
+        Ok(_) => Ok(()),
+        Err(err) if is_handled(py, &err) => {
+            // As the stdlib: if handle_error itself raises, the request is left as is.
+            report.call1((request, addr, err.value(py)))?;
+            Ok(())
+        }
+        Err(err) => Err(err),
+    };
+    if let Some(conn) = conn {
+        conn.get().shutdown_and_close(py);
+    }
+    outcome
 }
 
 #[pymethods]
@@ -257,7 +274,14 @@ impl Reactor {
     /// `(data, sock)`), or `handle()` when the listener is readable (readiness mode).
     /// An `OSError` while taking a request is ignored, as the stdlib ignores one from
     /// `get_request()`.
-    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192))]
+    ///
+    /// With `report` given, none of the dispatch hooks (`verify_request`,
+    /// `process_request`, `finish_request`, `shutdown_request`, `close_request`) is
+    /// overridden, and the engine runs their library versions itself: it instantiates
+    /// `server.RequestHandlerClass(request, address, server)`, sends an exception to
+    /// `report(request, address, exc)` (which calls `handle_error` inside an `except`
+    /// block), and shuts the connection down and closes it in one release.
+    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
@@ -268,6 +292,7 @@ impl Reactor {
         service_actions: Option<&Bound<'_, PyAny>>,
         sock: Option<&Bound<'_, PyAny>>,
         bufsize: usize,
+        report: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let want = || match (self.accepting, self.kind) {
             (false, _) => Want::Readiness,
@@ -288,12 +313,26 @@ impl Reactor {
                     handle.call0()?;
                 }
                 Outcome::Accepted(fd, addr) => {
-                    let conn = Connection::new(fd, self.family, libc::SOCK_STREAM, self.proto);
-                    handle.call1((conn, address::to_python(py, &addr)?))?;
+                    let conn = Bound::new(
+                        py,
+                        Connection::new(fd, self.family, libc::SOCK_STREAM, self.proto),
+                    )?;
+                    let addr = address::to_python(py, &addr)?;
+                    match report {
+                        Some(report) => {
+                            inline_dispatch(server, report, conn.as_any(), &addr, Some(&conn))?
+                        }
+                        None => drop(handle.call1((conn, addr))?),
+                    }
                 }
                 Outcome::Datagram(n, addr) => {
                     let data = PyBytes::new(py, &lock(py, &self.state).datagram[..n]);
-                    handle.call1(((data, sock), address::to_python(py, &addr)?))?;
+                    let request = (data, sock).into_pyobject(py)?.into_any();
+                    let addr = address::to_python(py, &addr)?;
+                    match report {
+                        Some(report) => inline_dispatch(server, report, &request, &addr, None)?,
+                        None => drop(handle.call1((request, addr))?),
+                    }
                 }
                 _ => {}
             }

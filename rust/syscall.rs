@@ -57,6 +57,17 @@ impl Mode {
     }
 }
 
+/// The deadline of a wait of `timeout` seconds from Python starting now: None waits
+/// forever, NaN or a negative value means now (look once without waiting), and a
+/// timeout too far to represent waits forever.
+pub fn deadline_after(timeout: Option<f64>) -> Option<Instant> {
+    let t = timeout?;
+    let t = if t.is_nan() { 0.0 } else { t.max(0.0) };
+    Duration::try_from_secs_f64(t)
+        .ok()
+        .and_then(|d| Instant::now().checked_add(d))
+}
+
 /// Milliseconds left until `deadline` for `poll(2)`, rounded up; -1 waits forever.
 pub fn poll_millis(deadline: Option<Instant>) -> libc::c_int {
     match deadline {
@@ -140,7 +151,13 @@ pub fn recv(
     unsafe { recv_raw(fd, buf.as_mut_ptr(), buf.len(), flags, mode, deadline) }
 }
 
-/// `recv(2)` appending up to `max` bytes to `buf` (0 means end of stream).
+/// The most one receive asks for. A stream receive may return less than asked anyway,
+/// and no datagram is larger; capping it keeps a huge size a handler got from a client
+/// (`rfile.read(int(content_length))`) from allocating that much up front.
+pub const MAX_RECV: usize = 4 * 1024 * 1024;
+
+/// `recv(2)` appending up to `max` bytes (at most [`MAX_RECV`]) to `buf` (0 means end
+/// of stream). Growing `buf` reports `MemoryError` instead of aborting the process.
 pub fn recv_append(
     fd: RawFd,
     buf: &mut Vec<u8>,
@@ -149,7 +166,8 @@ pub fn recv_append(
     mode: Mode,
     deadline: Option<Instant>,
 ) -> Result<usize> {
-    buf.reserve(max);
+    let max = max.min(MAX_RECV);
+    buf.try_reserve(max).map_err(|_| Error::NoMemory)?;
     let len = buf.len();
     // SAFETY: `reserve` made room for `max` bytes past `len`; only received bytes are
     // exposed by `set_len`.
@@ -404,6 +422,16 @@ mod tests {
         ] {
             assert_eq!(Mode::from_nanos(m.to_nanos()), m);
         }
+    }
+
+    #[test]
+    fn deadline_after_handles_odd_timeouts() {
+        assert_eq!(deadline_after(None), None);
+        let now = Instant::now();
+        assert!(deadline_after(Some(f64::NAN)).is_some_and(|d| d <= Instant::now() && d >= now));
+        assert!(deadline_after(Some(-1.0)).is_some_and(|d| d <= Instant::now()));
+        assert_eq!(deadline_after(Some(f64::INFINITY)), None);
+        assert!(deadline_after(Some(0.5)).is_some_and(|d| d > now));
     }
 
     #[test]

@@ -315,3 +315,36 @@ def test_unbound_unix_datagram_client(mod, unix_path):
     ref, got = differential(mod, unbound_unix_dgram_client_scenario, unix_path)
     assert ref == (None, b"BOUND", ["TypeError"])
     assert got == ref
+
+
+def test_huge_read_sizes_from_a_client_do_not_allocate_up_front():
+    """A handler passing a client-chosen size (``rfile.read(content_length)``,
+    ``request.recv(n)``) gets the data there is, never an abort or a huge allocation."""
+    import threading
+
+    import fastsocketserver
+
+    got = {}
+
+    class H(fastsocketserver.StreamRequestHandler):
+        def handle(self):
+            got["recv"] = self.request.recv(10**12)
+            got["read"] = self.rfile.read(10**12)
+
+    server = fastsocketserver.TCPServer(("127.0.0.1", 0), H)
+    try:
+        t = threading.Thread(target=server.handle_request)
+        t.start()
+        with socket.create_connection(server.server_address, timeout=10) as c:
+            c.sendall(b"first")
+            import time
+
+            time.sleep(0.2)
+            c.sendall(b"second part")
+            c.shutdown(socket.SHUT_WR)
+            c.recv(10)
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        server.server_close()
+    assert got["recv"] + got["read"] == b"firstsecond part"

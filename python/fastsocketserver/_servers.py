@@ -114,12 +114,13 @@ class BaseServer:
             )
         verify = self.verify_request if _overridden(self, "verify_request") else None
         return _core.EventLoop(
-            fd, family, kind, proto, self.RequestHandlerClass, self._protocol_error, verify, self.idle_timeout
+            fd, family, kind, proto, self.RequestHandlerClass, self._report_error, verify, self.idle_timeout
         )
 
-    def _protocol_error(self, request: Any, client_address: Any, exc: BaseException) -> None:
-        """Report an exception a protocol callback raised through ``handle_error``,
-        inside an ``except`` block as the stdlib calls it."""
+    def _report_error(self, request: Any, client_address: Any, exc: BaseException) -> None:
+        """Report an exception the engine caught (from a handler it ran itself, or a
+        protocol callback) through ``handle_error``, inside an ``except`` block as the
+        stdlib calls it."""
         try:
             raise exc
         except BaseException:
@@ -174,7 +175,8 @@ class BaseServer:
                 reactor.serve(self, poll_interval, actions)
             elif reactor.accepting:
                 bufsize = getattr(self, "max_packet_size", 8192)
-                reactor.serve(self, poll_interval, self._handle_accepted, actions, self.socket, bufsize)  # type: ignore[attr-defined]
+                report = self._report_error if _library_dispatch(self, reactor.kind) else None
+                reactor.serve(self, poll_interval, self._handle_accepted, actions, self.socket, bufsize, report)  # type: ignore[attr-defined]
             else:
                 reactor.serve(self, poll_interval, self._handle_request_noblock, actions)
         finally:
@@ -406,6 +408,38 @@ def _overridden(server: BaseServer, name: str) -> bool:
     """True when ``server.<name>`` is not BaseServer's own (a subclass or the instance
     overrides it), so the engine must call it."""
     return name in vars(server) or getattr(type(server), name) is not getattr(BaseServer, name)
+
+
+#: The dispatch hooks whose library versions the engine runs itself (for one request:
+#: the handler, ``handle_error`` on an exception, the close), per socket type.
+_LIBRARY_DISPATCH = {
+    socket.SOCK_STREAM: {
+        "_handle_accepted": BaseServer._handle_accepted,
+        "verify_request": BaseServer.verify_request,
+        "process_request": BaseServer.process_request,
+        "finish_request": BaseServer.finish_request,
+        "shutdown_request": TCPServer.shutdown_request,
+        "close_request": TCPServer.close_request,
+    },
+    socket.SOCK_DGRAM: {
+        "_handle_accepted": BaseServer._handle_accepted,
+        "verify_request": BaseServer.verify_request,
+        "process_request": BaseServer.process_request,
+        "finish_request": BaseServer.finish_request,
+        "shutdown_request": UDPServer.shutdown_request,
+        "close_request": UDPServer.close_request,
+    },
+}
+
+
+def _library_dispatch(server: BaseServer, kind: int) -> bool:
+    """True when every dispatch hook of ``server`` is the library's own for a socket
+    of ``kind`` (no subclass, mix-in or instance overrides one): the engine may then run
+    them itself, with the same behaviour and fewer Python calls."""
+    hooks = _LIBRARY_DISPATCH.get(kind)
+    if hooks is None:
+        return False
+    return all(name not in vars(server) and getattr(type(server), name, None) is own for name, own in hooks.items())
 
 
 def _library_get_request(server: BaseServer, kind: int) -> bool:
