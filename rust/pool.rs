@@ -275,13 +275,17 @@ impl WorkerPool {
         }
         let spawn = st.queue.len() > st.idle + st.starting
             && shared.max_threads.is_none_or(|m| st.threads < m);
-        if st.idle > 0 {
-            shared.work.notify_one();
-        }
+        let wake_idle = st.idle > 0;
         if spawn {
             st.threads += 1;
             st.starting += 1;
-            drop(st);
+        }
+        // Wake an idle worker after unlocking, so it does not block on the pool's lock.
+        drop(st);
+        if wake_idle {
+            shared.work.notify_one();
+        }
+        if spawn {
             match spawn_worker(self.shared.clone()) {
                 // Like Thread.start(), return once the new worker runs: it takes the
                 // job at once, and a burst of requests does not spawn a thread each
