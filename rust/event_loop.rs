@@ -28,11 +28,12 @@ use crate::transport::{
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use pyo3::exceptions::PyTimeoutError;
+use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,6 +117,8 @@ pub struct EventLoop {
     verify: Option<Py<PyAny>>,
     on_error: Py<PyAny>,
     idle_timeout: Option<Duration>,
+    /// `close()` was called while a round held the loop; the round finishes it.
+    closing: AtomicBool,
 }
 
 fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
@@ -886,6 +889,7 @@ impl EventLoop {
             verify,
             on_error,
             idle_timeout,
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -896,14 +900,26 @@ impl EventLoop {
         let deadline = syscall::deadline_after(timeout);
         let mut guard = lock(py, &self.state);
         let st = &mut *guard;
-        self.start(py, st)?;
-        if !st.pending.is_empty() {
-            self.dispatch(py, st)?;
-            return Ok(true);
+        if st.poll.is_none() {
+            return Err(PyValueError::new_err("the server is closed"));
         }
-        let active = blocking(py, || self.io_phase(st, deadline))?;
-        self.dispatch(py, st)?;
-        Ok(active)
+        let result = (|| {
+            self.start(py, st)?;
+            if !st.pending.is_empty() {
+                self.dispatch(py, st)?;
+                return Ok(true);
+            }
+            let active = blocking(py, || self.io_phase(st, deadline))?;
+            self.dispatch(py, st)?;
+            Ok(active)
+        })();
+        drop(guard);
+        if self.closing.load(Ordering::Acquire) {
+            // close() was called during this round (by a callback, a signal handler or
+            // another thread): finish it now that the loop is free.
+            self.close(py)?;
+        }
+        result
     }
 
     /// The `serve_forever()` loop (see [`crate::serve`]), one `run_once` per round.
@@ -917,7 +933,7 @@ impl EventLoop {
     ) -> PyResult<()> {
         crate::serve::serve_forever(server, service_actions, |stop| {
             self.run_once(py, poll_interval)?;
-            stop.is_set()
+            Ok(self.closing.load(Ordering::Acquire) || stop.is_set()?)
         })
     }
 
@@ -928,8 +944,19 @@ impl EventLoop {
     }
 
     /// Close every connection (each protocol gets `connection_lost(None)`) and the poller.
+    ///
+    /// Safe to call during a round (from a callback or signal handler of the serving
+    /// thread, or from another thread): the round is woken and finishes the close.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let mut guard = lock(py, &self.state);
+        self.closing.store(true, Ordering::Release);
+        let mut guard = match self.state.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let _ = self.shared.wake();
+                return Ok(());
+            }
+        };
         let st = &mut *guard;
         let poll = st.poll.take();
         let conns = std::mem::take(&mut st.conns);

@@ -22,10 +22,12 @@ use crate::syscall::{self, Mode, RawAddr};
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,7 @@ enum Outcome {
     Datagram(usize, RawAddr),
     Woken,
     TimedOut,
+    Closed,
 }
 
 #[pyclass(module = "fastsocketserver._core", frozen)]
@@ -66,6 +69,8 @@ pub struct Reactor {
     kind: i32,
     proto: i32,
     accepting: bool,
+    /// `close()` was called; whoever holds the wait finishes it (see `close`).
+    closing: AtomicBool,
 }
 
 fn exhausted(code: i32) -> bool {
@@ -161,7 +166,34 @@ impl Reactor {
         let deadline = syscall::deadline_after(timeout);
         let mut st = lock(py, &self.state);
         let st = &mut *st;
-        blocking(py, || self.step(st, &want, deadline))
+        if self.closing.load(Ordering::Acquire) {
+            self.release(st);
+            return Ok(Outcome::Closed);
+        }
+        let outcome = blocking(py, || self.step(st, &want, deadline));
+        if self.closing.load(Ordering::Acquire) {
+            // close() was called meanwhile (from a signal handler or a callback of this
+            // thread, or from another thread): finish it here, where the lock is held.
+            self.release(st);
+            return Ok(Outcome::Closed);
+        }
+        outcome
+    }
+
+    fn release(&self, st: &mut PollState) {
+        if let Some(poll) = st.poll.take() {
+            let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
+        }
+        self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// A taken request, or None; ValueError once the reactor is closed (as the stdlib's
+    /// loop fails on a closed server's descriptor).
+    fn check_closed(outcome: &Outcome) -> PyResult<()> {
+        match outcome {
+            Outcome::Closed => Err(PyValueError::new_err("the server is closed")),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -220,16 +252,16 @@ impl Reactor {
             kind,
             proto,
             accepting,
+            closing: AtomicBool::new(false),
         })
     }
 
     /// Wait until the listening socket is readable: True, or False on timeout or wake.
     #[pyo3(signature = (timeout = None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        Ok(matches!(
-            self.run(py, Want::Readiness, timeout)?,
-            Outcome::Ready
-        ))
+        let outcome = self.run(py, Want::Readiness, timeout)?;
+        Self::check_closed(&outcome)?;
+        Ok(matches!(outcome, Outcome::Ready))
     }
 
     /// Wait for and accept one connection: `(Connection, address)`, or None on timeout
@@ -245,7 +277,7 @@ impl Reactor {
                 let conn = Connection::new(fd, self.family, libc::SOCK_STREAM, self.proto);
                 Ok(Some((conn, address::to_python(py, &addr)?.unbind())))
             }
-            _ => Ok(None),
+            outcome => Self::check_closed(&outcome).map(|_| None),
         }
     }
 
@@ -265,7 +297,7 @@ impl Reactor {
                 drop(st);
                 Ok(Some((data, address::to_python(py, &addr)?)))
             }
-            _ => Ok(None),
+            outcome => Self::check_closed(&outcome).map(|_| None),
         }
     }
 
@@ -307,6 +339,9 @@ impl Reactor {
                 }
                 Err(err) => return Err(err),
             };
+            if matches!(outcome, Outcome::Closed) {
+                return Ok(true);
+            }
             let stopping = stop.is_set()?;
             match outcome {
                 Outcome::Ready if !stopping => {
@@ -350,11 +385,26 @@ impl Reactor {
     }
 
     /// Release the poller and the waker (the listening socket is not ours to close).
+    ///
+    /// Safe to call while a wait is in progress, from another thread or re-entrantly from
+    /// a signal handler or callback run by the waiting thread: the wait is woken and the
+    /// waiting side releases the poller; `serve()` then returns and later waits raise
+    /// `ValueError`.
     fn close(&self, py: Python<'_>) {
-        lock(py, &self.waker).take();
-        let mut st = lock(py, &self.state);
-        if let Some(poll) = st.poll.take() {
-            let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
+        self.closing.store(true, Ordering::Release);
+        match self.state.try_lock() {
+            Ok(mut st) => self.release(&mut st),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.release(&mut p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if let Some(waker) = self
+                    .waker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    let _ = py.detach(|| waker.wake());
+                }
+            }
         }
     }
 
