@@ -256,9 +256,14 @@ impl Connection {
                 )));
             }
         }
-        if let Ok(file_fd) = file
+        // sendfile(2) has no per-call non-blocking flag: with a timeout (or non-blocking)
+        // the read-and-send path below, which honours the mode, does the work instead.
+        let zero_copy = self.core.mode() == Mode::Blocking;
+        if let Some(file_fd) = file
             .call_method0("fileno")
             .and_then(|f| f.extract::<RawFd>())
+            .ok()
+            .filter(|_| zero_copy)
         {
             if offset > 0 || file.hasattr("seek")? {
                 file.call_method1("seek", (offset,))?;

@@ -342,7 +342,16 @@ impl Reactor {
             if matches!(outcome, Outcome::Closed) {
                 return Ok(true);
             }
-            let stopping = stop.is_set()?;
+            let stopping = match stop.is_set() {
+                Ok(stopping) => stopping,
+                Err(err) => {
+                    if let Outcome::Accepted(fd, _) = outcome {
+                        // SAFETY: just accepted, owned by nothing else yet.
+                        unsafe { libc::close(fd) };
+                    }
+                    return Err(err);
+                }
+            };
             match outcome {
                 Outcome::Ready if !stopping => {
                     handle.call0()?;
