@@ -98,6 +98,15 @@ impl SocketCore {
         self.lock().fd
     }
 
+    /// The descriptor for a file object's `fileno()`: EBADF once closed (a socket's
+    /// own `fileno()` returns -1 instead).
+    pub fn open_fileno(&self) -> Result<RawFd> {
+        match self.fileno() {
+            fd if fd < 0 => Err(Error::Os(libc::EBADF)),
+            fd => Ok(fd),
+        }
+    }
+
     pub fn mode(&self) -> Mode {
         Mode::from_nanos(self.mode.load(Ordering::Relaxed))
     }

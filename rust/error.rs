@@ -6,7 +6,7 @@
 //! `BrokenPipeError`, ...) exactly as the `socket` module does; PyO3's own `io::Error`
 //! conversion would lose `errno`.
 
-use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyTimeoutError};
 use pyo3::prelude::*;
 use std::ffi::CStr;
 
@@ -19,8 +19,6 @@ pub enum Error {
     /// A wait was interrupted by a signal (EINTR): the caller runs the Python signal
     /// handlers and retries. Never reaches Python.
     Interrupted,
-    /// I/O on a closed file object (`ValueError`, as `io` raises it).
-    ClosedFile,
     /// A buffer could not grow (`MemoryError`; Rust would otherwise abort).
     NoMemory,
     /// An exception already built by Python code.
@@ -69,7 +67,6 @@ impl From<Error> for PyErr {
             Error::Os(code) => os_error(code),
             Error::Interrupted => os_error(libc::EINTR),
             Error::Timeout => PyTimeoutError::new_err("timed out"),
-            Error::ClosedFile => PyValueError::new_err("I/O operation on closed file."),
             Error::NoMemory => pyo3::exceptions::PyMemoryError::new_err(()),
             Error::Py(err) => err,
         }

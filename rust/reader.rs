@@ -11,7 +11,6 @@
 
 use crate::buffer::RawBuffer;
 use crate::descriptor::SocketCore;
-use crate::error::Error;
 use crate::syscall;
 use crate::wait::{blocking, lock};
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -377,11 +376,7 @@ impl SocketReader {
 
     fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
         self.open_state(py, "I/O operation").map(drop)?;
-        let fd = self.core.fileno();
-        if fd < 0 {
-            return Err(Error::Os(libc::EBADF).into());
-        }
-        Ok(fd)
+        Ok(self.core.open_fileno()?)
     }
 
     fn detach(&self, py: Python<'_>) -> PyResult<()> {

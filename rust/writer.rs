@@ -12,7 +12,6 @@
 use crate::buffer::RawBuffer;
 use crate::connection::send_all;
 use crate::descriptor::SocketCore;
-use crate::error::Error;
 use crate::reader::unsupported;
 use crate::wait::lock;
 use pyo3::exceptions::PyValueError;
@@ -147,11 +146,7 @@ impl SocketWriter {
 
     fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
         self.open_state(py, "I/O operation on").map(drop)?;
-        let fd = self.core.fileno();
-        if fd < 0 {
-            return Err(Error::Os(libc::EBADF).into());
-        }
-        Ok(fd)
+        Ok(self.core.open_fileno()?)
     }
 
     fn detach(&self, py: Python<'_>) -> PyResult<()> {
