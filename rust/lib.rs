@@ -12,6 +12,7 @@
 //! - [`reader`], [`writer`]: the handler's `rfile` and `wfile`;
 //! - [`reactor`]: the server's wait on its listening socket (mio);
 //! - [`serve`]: the `serve_forever()` loop;
+//! - [`dispatch`]: the library's own dispatch hooks, run by the engine;
 //! - [`pool`]: the worker threads of `ThreadingMixIn`;
 //! - [`event_loop`], [`transport`]: the event-driven path for `asyncio.Protocol`-shaped handlers.
 
@@ -19,6 +20,7 @@ pub mod address;
 pub mod buffer;
 pub mod connection;
 pub mod descriptor;
+pub mod dispatch;
 pub mod error;
 pub mod event_loop;
 pub mod pool;

@@ -14,6 +14,7 @@
 //! Worker threads block asynchronous signals, so SIGINT/SIGTERM reach the main thread
 //! (whose waits they interrupt) and never a worker.
 
+use crate::dispatch::{Dispatch, Taken};
 use crate::error::catch_panic;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -28,10 +29,38 @@ const CAPACITY_WAIT_SLICE: Duration = Duration::from_millis(50);
 /// Stack size of worker threads: what a `threading.Thread` gets by default on Linux.
 const WORKER_STACK: usize = 8 * 1024 * 1024;
 
-struct Job {
-    func: Py<PyAny>,
-    args: Py<PyTuple>,
+/// What a worker runs: a Python callable, or a request the server's thread took
+/// without attaching (see [`crate::dispatch`]).
+pub enum Work {
+    Call(Py<PyAny>, Py<PyTuple>),
+    Request(Arc<Dispatch>, Taken),
+}
+
+pub struct Job {
+    work: Work,
+    /// `join()` waits for tracked jobs (non-daemonic requests).
     tracked: bool,
+}
+
+impl Job {
+    pub fn new(work: Work, tracked: bool) -> Job {
+        Job { work, tracked }
+    }
+
+    /// The work of a job that was not queued.
+    pub fn into_work(self) -> Work {
+        self.work
+    }
+}
+
+/// Why [`Shared::push`] did not queue a job.
+pub enum Refused {
+    /// `max_threads` requests are running or queued.
+    Full(Job),
+    /// The pool is closed.
+    Closed(Job),
+    /// No worker could be started, and there is none to take the job.
+    NoThread(Job, std::io::Error),
 }
 
 #[derive(Default)]
@@ -52,7 +81,7 @@ struct PoolState {
     closing: bool,
 }
 
-struct Shared {
+pub struct Shared {
     state: Mutex<PoolState>,
     work: Condvar,
     done: Condvar,
@@ -128,6 +157,62 @@ impl Shared {
         None
     }
 
+    /// Queue `job` if there is room, and make sure a worker will take it: wake an idle
+    /// one, or start a new one and wait (detached: call this detached) until it is
+    /// attached and ready, as `Thread.start()` returns once the thread runs, so that a
+    /// burst of requests does not start a thread each merely because the new threads
+    /// had no chance to attach yet.
+    pub fn push(self: &Arc<Self>, job: Job) -> Result<(), Refused> {
+        let mut st = self.lock();
+        if st.closing {
+            return Err(Refused::Closed(job));
+        }
+        if st.busy >= self.max_threads.unwrap_or(usize::MAX) {
+            return Err(Refused::Full(job));
+        }
+        st.busy += 1;
+        if job.tracked {
+            st.tracked += 1;
+        }
+        st.queue.push_back(job);
+        let spawn = st.queue.len() > st.idle + st.starting
+            && self.max_threads.is_none_or(|m| st.threads < m);
+        let wake_idle = st.idle > 0;
+        if spawn {
+            st.threads += 1;
+            st.starting += 1;
+        }
+        // Wake an idle worker after unlocking, so it does not block on the pool's lock.
+        drop(st);
+        if wake_idle {
+            self.work.notify_one();
+        }
+        if !spawn {
+            return Ok(());
+        }
+        match spawn_worker(self.clone()) {
+            Ok(()) => {
+                drop(self.wait_done(self.lock(), None, |s| s.starting == 0));
+                Ok(())
+            }
+            Err(err) => {
+                let mut st = self.lock();
+                st.threads -= 1;
+                st.starting -= 1;
+                // The job stays queued for an existing worker, if there is one.
+                if st.threads > 0 {
+                    return Ok(());
+                }
+                let job = st.queue.pop_back().expect("the job just queued");
+                st.busy -= 1;
+                if job.tracked {
+                    st.tracked -= 1;
+                }
+                Err(Refused::NoThread(job, err))
+            }
+        }
+    }
+
     fn finished(&self, tracked: bool) {
         let mut st = self.lock();
         st.busy -= 1;
@@ -147,11 +232,14 @@ fn worker(shared: Arc<Shared>) {
         let Some(job) = py.detach(|| shared.next_job(std::mem::take(&mut first))) else {
             break;
         };
-        if let Err(err) = catch_panic(|| job.func.call1(py, job.args.bind(py).clone())) {
+        let tracked = job.tracked;
+        let outcome = match job.work {
+            Work::Call(func, args) => catch_panic(|| func.call1(py, args.bind(py).clone())).map(drop),
+            Work::Request(dispatch, taken) => dispatch.run_threaded(py, taken),
+        };
+        if let Err(err) = outcome {
             report(py, err);
         }
-        let tracked = job.tracked;
-        drop(job);
         shared.finished(tracked);
     });
 }
@@ -204,7 +292,7 @@ fn spawn_worker(shared: Arc<Shared>) -> std::io::Result<()> {
 
 #[pyclass(module = "fastsocketserver._core", frozen, weakref)]
 pub struct WorkerPool {
-    shared: Arc<Shared>,
+    pub shared: Arc<Shared>,
 }
 
 #[pymethods]
@@ -259,60 +347,22 @@ impl WorkerPool {
             py.check_signals()?;
             st = shared.lock();
         }
-        if st.closing {
-            return Err(PyRuntimeError::new_err(
-                "cannot submit to a closed WorkerPool",
-            ));
-        }
-        st.queue.push_back(Job {
-            func,
-            args,
-            tracked,
-        });
-        st.busy += 1;
-        if tracked {
-            st.tracked += 1;
-        }
-        let spawn = st.queue.len() > st.idle + st.starting
-            && shared.max_threads.is_none_or(|m| st.threads < m);
-        let wake_idle = st.idle > 0;
-        if spawn {
-            st.threads += 1;
-            st.starting += 1;
-        }
-        // Wake an idle worker after unlocking, so it does not block on the pool's lock.
         drop(st);
-        if wake_idle {
-            shared.work.notify_one();
+        let job = Job::new(Work::Call(func, args), tracked);
+        match py.detach(|| self.shared.push(job)) {
+            Ok(()) => Ok(()),
+            Err(Refused::Closed(_)) => Err(PyRuntimeError::new_err(
+                "cannot submit to a closed WorkerPool",
+            )),
+            Err(Refused::NoThread(_, err)) => Err(PyRuntimeError::new_err(format!(
+                "can't start new thread: {err}"
+            ))),
+            // Another submitter took the room meanwhile: wait again.
+            Err(Refused::Full(job)) => match job.into_work() {
+                Work::Call(func, args) => self.submit(py, func, args, tracked),
+                Work::Request(..) => unreachable!("submit queues calls only"),
+            },
         }
-        if spawn {
-            match spawn_worker(self.shared.clone()) {
-                // Like Thread.start(), return once the new worker runs: it takes the
-                // job at once, and a burst of requests does not spawn a thread each
-                // merely because the new threads had no chance to attach yet.
-                Ok(()) => {
-                    py.detach(|| drop(shared.wait_done(shared.lock(), None, |s| s.starting == 0)))
-                }
-                Err(err) => {
-                    let mut st = shared.lock();
-                    st.threads -= 1;
-                    st.starting -= 1;
-                    // The job stays queued for an existing worker, if there is one.
-                    if st.threads == 0 {
-                        if let Some(job) = st.queue.pop_back() {
-                            st.busy -= 1;
-                            if job.tracked {
-                                st.tracked -= 1;
-                            }
-                        }
-                        return Err(PyRuntimeError::new_err(format!(
-                            "can't start new thread: {err}"
-                        )));
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Wait until every tracked job has finished; False if `timeout` passed first.

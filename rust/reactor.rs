@@ -17,7 +17,9 @@
 
 use crate::address;
 use crate::connection::Connection;
-use crate::error::{catch_panic, is_handled, Error, Result};
+use crate::dispatch::{Dispatch, Taken};
+use crate::error::{Error, Result};
+use crate::pool::{self, Job, Refused, Work, WorkerPool};
 use crate::syscall::{self, Mode, RawAddr};
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
@@ -26,9 +28,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(0);
@@ -55,10 +57,18 @@ enum Outcome {
     Ready,
     Accepted(RawFd, RawAddr),
     Datagram(usize, RawAddr),
+    /// Requests went to the worker pool (see `pump`).
+    Dispatched,
+    /// The worker pool did not take a request: the Python path must.
+    Refused(Refused),
     Woken,
     TimedOut,
     Closed,
 }
+
+/// At most this many requests go to the pool in one wait before the server's thread
+/// attaches again to check for `shutdown()` and signals.
+const MAX_BATCH: usize = 64;
 
 #[pyclass(module = "fastsocketserver._core", frozen)]
 pub struct Reactor {
@@ -71,6 +81,8 @@ pub struct Reactor {
     accepting: bool,
     /// `close()` was called; whoever holds the wait finishes it (see `close`).
     closing: AtomicBool,
+    /// `wake()` was called since the current round began: ends a `pump` batch.
+    wake_requested: AtomicBool,
 }
 
 fn exhausted(code: i32) -> bool {
@@ -162,7 +174,52 @@ impl Reactor {
         }
     }
 
+    /// Take requests and queue them on `pool` without attaching, until the wait ends,
+    /// `wake()` is called, the deadline passes or `MAX_BATCH` requests went (with
+    /// `batch` false, after one request). A request the pool refuses is returned.
+    fn pump(
+        &self,
+        st: &mut PollState,
+        want: &Want,
+        deadline: Option<Instant>,
+        pool: &Arc<pool::Shared>,
+        job: &(dyn Fn(Taken) -> Job + Sync),
+        batch: bool,
+    ) -> Result<Outcome> {
+        let mut queued = 0;
+        loop {
+            let taken = match self.step(st, want, deadline)? {
+                // SAFETY: just accepted, owned by nothing else.
+                Outcome::Accepted(fd, addr) => Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr),
+                Outcome::Datagram(n, addr) => Taken::Datagram(st.datagram[..n].to_vec(), addr),
+                Outcome::TimedOut if queued > 0 => return Ok(Outcome::Dispatched),
+                other => return Ok(other),
+            };
+            if let Err(refused) = pool.push(job(taken)) {
+                return Ok(Outcome::Refused(refused));
+            }
+            queued += 1;
+            if !batch
+                || queued >= MAX_BATCH
+                || self.wake_requested.load(Ordering::Acquire)
+                || deadline.is_some_and(|d| d <= Instant::now())
+            {
+                return Ok(Outcome::Dispatched);
+            }
+        }
+    }
+
     fn run(&self, py: Python<'_>, want: Want, timeout: Option<f64>) -> PyResult<Outcome> {
+        self.run_with(py, timeout, |st, deadline| self.step(st, &want, deadline))
+    }
+
+    /// One round's wait: `wait(state, deadline)` runs detached (see [`blocking`]).
+    fn run_with(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        mut wait: impl FnMut(&mut PollState, Option<Instant>) -> Result<Outcome> + Send,
+    ) -> PyResult<Outcome> {
         let deadline = syscall::deadline_after(timeout);
         let mut st = lock(py, &self.state);
         let st = &mut *st;
@@ -170,7 +227,8 @@ impl Reactor {
             self.release(st);
             return Ok(Outcome::Closed);
         }
-        let outcome = blocking(py, || self.step(st, &want, deadline));
+        self.wake_requested.store(false, Ordering::Release);
+        let outcome = blocking(py, || wait(st, deadline));
         if self.closing.load(Ordering::Acquire) {
             // close() was called meanwhile (from a signal handler or a callback of this
             // thread, or from another thread): finish it here, where the lock is held.
@@ -195,31 +253,6 @@ impl Reactor {
             _ => Ok(()),
         }
     }
-}
-
-/// `BaseServer._handle_accepted` with the library's own hooks, for one request.
-fn inline_dispatch(
-    server: &Bound<'_, PyAny>,
-    report: &Bound<'_, PyAny>,
-    request: &Bound<'_, PyAny>,
-    addr: &Bound<'_, PyAny>,
-    conn: Option<&Bound<'_, Connection>>,
-) -> PyResult<()> {
-    let py = server.py();
-    let handler = server.getattr(intern!(py, "RequestHandlerClass"))?;
-    let outcome = match catch_panic(|| handler.call1((request, addr, server))) {
-        Ok(_) => Ok(()),
-        Err(err) if is_handled(py, &err) => {
-            // As the stdlib: if handle_error itself raises, the request is left as is.
-            report.call1((request, addr, err.value(py)))?;
-            Ok(())
-        }
-        Err(err) => Err(err),
-    };
-    if let Some(conn) = conn {
-        conn.get().shutdown_and_close(py);
-    }
-    outcome
 }
 
 #[pymethods]
@@ -253,6 +286,7 @@ impl Reactor {
             proto,
             accepting,
             closing: AtomicBool::new(false),
+            wake_requested: AtomicBool::new(false),
         })
     }
 
@@ -307,13 +341,15 @@ impl Reactor {
     /// An `OSError` while taking a request is ignored, as the stdlib ignores one from
     /// `get_request()`.
     ///
-    /// With `report` given, none of the dispatch hooks (`verify_request`,
-    /// `process_request`, `finish_request`, `shutdown_request`, `close_request`) is
-    /// overridden, and the engine runs their library versions itself: it instantiates
-    /// `server.RequestHandlerClass(request, address, server)`, sends an exception to
-    /// `report(request, address, exc)` (which calls `handle_error` inside an `except`
-    /// block), and shuts the connection down and closes it in one release.
-    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None))]
+    /// With `report` given, none of the dispatch hooks is overridden and the engine runs
+    /// their library versions itself (see [`crate::dispatch`]), reporting a handler's
+    /// exception through `report(request, address, exc)`. With `pool` given as well (a
+    /// `ThreadingMixIn` server), requests go to the pool's workers without this thread
+    /// attaching: it takes up to `MAX_BATCH` of them per wait (one, when
+    /// `service_actions` must run after each), reading `server.daemon_threads` once per
+    /// round. When the pool refuses one (at `max_threads`, closed) it goes through
+    /// `handle`, whose `process_request` waits for room as the stdlib path does.
+    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None, pool = None))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
@@ -325,60 +361,73 @@ impl Reactor {
         sock: Option<&Bound<'_, PyAny>>,
         bufsize: usize,
         report: Option<&Bound<'_, PyAny>>,
+        pool: Option<&Bound<'_, WorkerPool>>,
     ) -> PyResult<()> {
         let want = || match (self.accepting, self.kind) {
             (false, _) => Want::Readiness,
             (true, libc::SOCK_DGRAM) => Want::Datagram(bufsize),
             (true, _) => Want::Accept,
         };
+        let none = py.None().into_bound(py);
+        let sock = sock.unwrap_or(&none);
+        let dispatch =
+            report.map(|r| Arc::new(Dispatch::new(server, r, Some(sock), self.family, self.proto)));
+        let pool = pool.filter(|_| dispatch.is_some()).map(|p| p.get().shared.clone());
+        let batch = service_actions.is_none();
         crate::serve::serve_forever(server, service_actions, |stop| {
-            let outcome = match self.run(py, want(), poll_interval) {
+            let outcome = match (&pool, &dispatch) {
+                (Some(pool), Some(dispatch)) => {
+                    let tracked = !server
+                        .getattr(intern!(py, "daemon_threads"))?
+                        .is_truthy()?;
+                    let job = |taken| Job::new(Work::Request(dispatch.clone(), taken), tracked);
+                    let want = want();
+                    self.run_with(py, poll_interval, |st, deadline| {
+                        self.pump(st, &want, deadline, pool, &job, batch)
+                    })
+                }
+                _ => self.run(py, want(), poll_interval),
+            };
+            let outcome = match outcome {
                 Ok(outcome) => outcome,
                 Err(err) if err.is_instance_of::<pyo3::exceptions::PyOSError>(py) => {
                     Outcome::TimedOut
                 }
                 Err(err) => return Err(err),
             };
-            if matches!(outcome, Outcome::Closed) {
-                return Ok(true);
-            }
-            let stopping = match stop.is_set() {
-                Ok(stopping) => stopping,
-                Err(err) => {
-                    if let Outcome::Accepted(fd, _) = outcome {
-                        // SAFETY: just accepted, owned by nothing else yet.
-                        unsafe { libc::close(fd) };
-                    }
-                    return Err(err);
-                }
-            };
-            match outcome {
-                Outcome::Ready if !stopping => {
-                    handle.call0()?;
-                }
+            let ready = matches!(outcome, Outcome::Ready);
+            let taken = match outcome {
+                Outcome::Closed => return Ok(true),
+                Outcome::Ready => None,
+                // SAFETY: just accepted, owned by nothing else.
                 Outcome::Accepted(fd, addr) => {
-                    let conn = Bound::new(
-                        py,
-                        Connection::new(fd, self.family, libc::SOCK_STREAM, self.proto),
-                    )?;
-                    let addr = address::to_python(py, &addr)?;
-                    match report {
-                        Some(report) => {
-                            inline_dispatch(server, report, conn.as_any(), &addr, Some(&conn))?
-                        }
-                        None => drop(handle.call1((conn, addr))?),
+                    Some(Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr))
+                }
+                Outcome::Datagram(n, addr) => Some(Taken::Datagram(
+                    lock(py, &self.state).datagram[..n].to_vec(),
+                    addr,
+                )),
+                Outcome::Refused(
+                    Refused::Full(job) | Refused::Closed(job) | Refused::NoThread(job, _),
+                ) => match job.into_work() {
+                    Work::Request(_, taken) => Some(taken),
+                    Work::Call(..) => None,
+                },
+                Outcome::Dispatched | Outcome::Woken | Outcome::TimedOut => None,
+            };
+            // An accepted connection is closed (dropped) if this check raises.
+            let stopping = stop.is_set()?;
+            if ready && !stopping {
+                handle.call0()?;
+            }
+            if let Some(taken) = taken {
+                match (&dispatch, &pool) {
+                    (Some(dispatch), None) => dispatch.run_inline(py, taken)?,
+                    _ => {
+                        let req = taken.into_python(py, self.family, self.proto, sock)?;
+                        handle.call1((req.request, req.address))?;
                     }
                 }
-                Outcome::Datagram(n, addr) => {
-                    let data = PyBytes::new(py, &lock(py, &self.state).datagram[..n]);
-                    let request = (data, sock).into_pyobject(py)?.into_any();
-                    let addr = address::to_python(py, &addr)?;
-                    match report {
-                        Some(report) => inline_dispatch(server, report, &request, &addr, None)?,
-                        None => drop(handle.call1((request, addr))?),
-                    }
-                }
-                _ => {}
             }
             Ok(stopping)
         })
@@ -386,6 +435,7 @@ impl Reactor {
 
     /// Wake the current (or next) wait; it returns None/False.
     fn wake(&self, py: Python<'_>) -> PyResult<()> {
+        self.wake_requested.store(true, Ordering::Release);
         let waker = lock(py, &self.waker);
         if let Some(w) = waker.as_ref() {
             py.detach(|| w.wake()).map_err(Error::from)?;

@@ -15,7 +15,7 @@ import weakref
 from typing import Any
 
 from . import _core
-from ._servers import _HANDLED
+from ._servers import _HANDLED, _library_dispatch
 
 __all__ = ["ThreadingMixIn", "ForkingMixIn"]
 
@@ -188,10 +188,26 @@ class ThreadingMixIn:
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Run the request on a worker thread."""
+        pool = self._tracked_pool()
+        pool.submit(self.process_request_thread, (request, client_address), not self.daemon_threads)
+
+    def _tracked_pool(self) -> _core.WorkerPool:
         pool = self._worker_pool()
         if self.block_on_close and not isinstance(vars(self).get("_threads"), _Threads):
             self._threads = _Threads(pool)
-        pool.submit(self.process_request_thread, (request, client_address), not self.daemon_threads)
+        return pool
+
+    def _engine_pool(self, kind: int) -> _core.WorkerPool | None:
+        """The pool, when the engine may queue requests on it itself: none of the
+        dispatch hooks, ``process_request`` and ``process_request_thread`` included, is
+        overridden (the engine then runs what they do; see ``_core.Reactor.serve``)."""
+        own = _library_dispatch(
+            self,  # type: ignore[arg-type]
+            kind,
+            process_request=ThreadingMixIn.process_request,
+            process_request_thread=ThreadingMixIn.process_request_thread,
+        )
+        return self._tracked_pool() if own else None
 
     def server_close(self) -> None:
         super().server_close()  # type: ignore[misc]

@@ -117,6 +117,11 @@ class BaseServer:
             fd, family, kind, proto, self.RequestHandlerClass, self._report_error, verify, self.idle_timeout
         )
 
+    def _engine_pool(self, kind: int) -> Any:
+        """The worker pool the engine may hand requests to itself (see ThreadingMixIn):
+        None, as a plain server runs each request inline."""
+        return None
+
     def _report_error(self, request: Any, client_address: Any, exc: BaseException) -> None:
         """Report an exception the engine caught (from a handler it ran itself, or a
         protocol callback) through ``handle_error``, inside an ``except`` block as the
@@ -175,8 +180,12 @@ class BaseServer:
                 reactor.serve(self, poll_interval, actions)
             elif reactor.accepting:
                 bufsize = getattr(self, "max_packet_size", 8192)
-                report = self._report_error if _library_dispatch(self, reactor.kind) else None
-                reactor.serve(self, poll_interval, self._handle_accepted, actions, self.socket, bufsize, report)  # type: ignore[attr-defined]
+                pool = self._engine_pool(reactor.kind)
+                library = pool is not None or _library_dispatch(self, reactor.kind)
+                report = self._report_error if library else None
+                reactor.serve(
+                    self, poll_interval, self._handle_accepted, actions, self.socket, bufsize, report, pool  # type: ignore[attr-defined]
+                )
             else:
                 reactor.serve(self, poll_interval, self._handle_request_noblock, actions)
         finally:
@@ -432,13 +441,15 @@ _LIBRARY_DISPATCH = {
 }
 
 
-def _library_dispatch(server: BaseServer, kind: int) -> bool:
+def _library_dispatch(server: BaseServer, kind: int, **mixin_hooks: Any) -> bool:
     """True when every dispatch hook of ``server`` is the library's own for a socket
     of ``kind`` (no subclass, mix-in or instance overrides one): the engine may then run
-    them itself, with the same behaviour and fewer Python calls."""
+    them itself, with the same behaviour and fewer Python calls. ``mixin_hooks`` are
+    the hooks a library mix-in replaces (``process_request=ThreadingMixIn.process_request``)."""
     hooks = _LIBRARY_DISPATCH.get(kind)
     if hooks is None:
         return False
+    hooks = {**hooks, **mixin_hooks}
     return all(name not in vars(server) and getattr(type(server), name, None) is own for name, own in hooks.items())
 
 
