@@ -100,6 +100,7 @@ def stream_servers(transport: str, *, sync: bool, forking: bool) -> list[Server]
     out.append(Server("asyncio streams", "asyncio:streams", ref, "asyncio"))
     out.append(Server("asyncio Protocol", "asyncio:protocol", ref, "asyncio"))
     out.append(Server("uvloop Protocol", "uvloop:protocol", ref, "uvloop"))
+    out.append(Server(f"fss {t}Server+NativeEcho", "fss:native", ref, "native"))
     out.append(Server("native Rust echo", "native", ref, "native"))
     return out
 
@@ -113,6 +114,7 @@ def udp_servers() -> list[Server]:
     out.append(Server("fss UDPServer+DatagramProtocol", "fss:protocol", ref, "fss"))
     out.append(Server("asyncio DatagramProtocol", "asyncio:protocol", ref, "asyncio"))
     out.append(Server("uvloop DatagramProtocol", "uvloop:protocol", ref, "uvloop"))
+    out.append(Server("fss UDPServer+NativeEcho", "fss:native", ref, "native"))
     out.append(Server("native Rust echo", "native", ref, "native"))
     return out
 

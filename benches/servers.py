@@ -15,7 +15,13 @@
   ``TCPServer``/``UDPServer``/``UnixStreamServer``. A fastsocketserver without protocol
   handlers (before issue 7) makes it report "not implemented" (exit status 3) instead of
   serving anything;
-* ``native``: the Rust echo server of benches/loadgen (the ceiling), exec'd in place.
+* ``fss:native``: fastsocketserver's ``TCPServer``/``UDPServer``/``UnixStreamServer`` with
+  ``_core.NativeEcho``, an echo protocol written in Rust that the engine's event loop runs
+  without calling Python: the ceiling of the same engine, which shows what the Python
+  callbacks cost;
+* ``native``: the Rust echo server of benches/loadgen (thread per connection, blocking
+  ``std::net``, no fastsocketserver): the ceiling of the blocking handler's I/O pattern,
+  exec'd in place.
 
 ``TRANSPORT`` is ``tcp``, ``udp`` or ``unix``; ``ADDRESS`` is ``HOST:PORT`` (port 0 picks a
 free one) or a socket path. Once listening the process prints ``LISTENING <address>`` on
@@ -223,11 +229,15 @@ def _protocol_probe(server: Any, transport: str) -> bool:
     return ok
 
 
-def serve_fss_protocol(transport: str, address: Any) -> None:
+def serve_fss_protocol(transport: str, address: Any, native: bool = False) -> None:
     import fastsocketserver
 
     cls = getattr(fastsocketserver, _PROTOCOL_SERVER_CLASS[transport])
-    proto = EchoDatagramProtocol if transport == "udp" else EchoProtocol
+    proto: Any = EchoDatagramProtocol if transport == "udp" else EchoProtocol
+    if native:
+        proto = getattr(fastsocketserver._core, "NativeEcho", None)
+        if proto is None:
+            not_implemented("this fastsocketserver has no native echo protocol")
     if transport == "unix" and os.path.exists(address):
         os.unlink(address)
     saved_stderr = sys.stderr
@@ -283,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     family, _, name = a.impl.partition(":")
     if a.impl == "native":
         os.execv(a.native_bin, [a.native_bin, a.transport, a.address])
-    elif a.impl == "fss:protocol":
-        serve_fss_protocol(a.transport, address)
+    elif a.impl in ("fss:protocol", "fss:native"):
+        serve_fss_protocol(a.transport, address, native=a.impl == "fss:native")
     elif family in ("fss", "stdlib"):
         serve_socketserver("fastsocketserver" if family == "fss" else "socketserver", name, a.transport, address)
     elif family in ("asyncio", "uvloop") and name in ("streams", "protocol"):

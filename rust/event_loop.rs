@@ -20,8 +20,9 @@
 use crate::address;
 use crate::connection::Connection;
 use crate::error::{catch_panic, is_handled, Error, Result};
+use crate::native::NativeEcho;
 use crate::syscall::{self, Mode, RawAddr};
-use crate::transport::{
+use crate::transport::{self,
     BaseTransport, ChanState, Channel, DatagramTransport, LoopShared, Transport, TransportCore,
     CURRENT_LOOP,
 };
@@ -75,6 +76,8 @@ struct Conn {
     transport: Py<BaseTransport>,
     protocol: Option<Py<PyAny>>,
     on_data: Option<Py<PyAny>>,
+    /// The protocol is a `NativeEcho`: data is echoed without calling Python.
+    native: bool,
     addr: Py<PyAny>,
     last_active: Instant,
     writable_interest: bool,
@@ -87,6 +90,8 @@ struct DatagramEndpoint {
     chan: Arc<Channel>,
     transport: Py<BaseTransport>,
     protocol: Py<PyAny>,
+    /// The protocol is a `NativeEcho`.
+    native: bool,
     writable_interest: bool,
 }
 
@@ -502,8 +507,13 @@ impl EventLoop {
                             continue;
                         }
                     }
-                    let data = PyBytes::new(py, &st.arena[start..start + len]);
-                    let result = catch_panic(|| on_data.call1(py, (data,))).map(drop);
+                    let result = if conn.native {
+                        let data = &st.arena[start..start + len];
+                        transport::write_slice(py, &conn.transport.get().core, data)
+                    } else {
+                        let data = PyBytes::new(py, &st.arena[start..start + len]);
+                        catch_panic(|| on_data.call1(py, (data,))).map(drop)
+                    };
                     self.after_callback(py, st, token, result)?;
                 }
                 Event::Eof(token) => {
@@ -539,6 +549,11 @@ impl EventLoop {
                     let Some(ep) = st.datagram.as_ref() else {
                         continue;
                     };
+                    if ep.native {
+                        let data = &st.arena[start..start + len];
+                        transport::queue_datagram(py, &ep.transport.get().core, data, addr);
+                        continue;
+                    }
                     let data = PyBytes::new(py, &st.arena[start..start + len]);
                     let addr = address::to_python(py, &addr)?;
                     let result = catch_panic(|| {
@@ -616,6 +631,7 @@ impl EventLoop {
             transport: transport.clone_ref(py),
             protocol: None,
             on_data: None,
+            native: false,
             addr: addr.clone_ref(py),
             last_active: Instant::now(),
             writable_interest: false,
@@ -640,6 +656,7 @@ impl EventLoop {
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
             let on_data = protocol.getattr(py, "data_received")?;
             if let Some(conn) = conn_mut(&mut st.conns, token) {
+                conn.native = protocol.bind(py).is_instance_of::<NativeEcho>();
                 conn.protocol = Some(protocol.clone_ref(py));
                 conn.on_data = Some(on_data);
             }
@@ -757,6 +774,7 @@ impl EventLoop {
             chan,
             transport: transport.clone_ref(py),
             protocol: protocol.clone_ref(py),
+            native: protocol.bind(py).is_instance_of::<NativeEcho>(),
             writable_interest: false,
         });
         let result =

@@ -14,7 +14,8 @@
 //! - [`serve`]: the `serve_forever()` loop;
 //! - [`dispatch`]: the library's own dispatch hooks, run by the engine;
 //! - [`pool`]: the worker threads of `ThreadingMixIn`;
-//! - [`event_loop`], [`transport`]: the event-driven path for `asyncio.Protocol`-shaped handlers.
+//! - [`event_loop`], [`transport`]: the event-driven path for `asyncio.Protocol`-shaped handlers;
+//! - [`native`]: an echo protocol in Rust, the benchmark's ceiling.
 
 pub mod address;
 pub mod buffer;
@@ -23,6 +24,7 @@ pub mod descriptor;
 pub mod dispatch;
 pub mod error;
 pub mod event_loop;
+pub mod native;
 pub mod pool;
 pub mod reactor;
 pub mod reader;
@@ -63,6 +65,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<transport::BaseTransport>()?;
     m.add_class::<transport::Transport>()?;
     m.add_class::<transport::DatagramTransport>()?;
+    m.add_class::<native::NativeEcho>()?;
     m.add("DEFAULT_BUFFER_SIZE", connection::DEFAULT_BUFFER_SIZE)?;
     m.add(
         "PanicException",

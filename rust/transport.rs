@@ -400,7 +400,8 @@ impl Transport {
     }
 }
 
-fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResult<()> {
+/// Queue `data` on a stream transport (what `write()` does).
+pub fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResult<()> {
     {
         let mut st = lock(py, &core.chan.state);
         if st.eof_requested {
@@ -420,6 +421,20 @@ fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResult<()
     }
     core.maybe_pause(py);
     Ok(())
+}
+
+/// Queue a datagram to `raw` on a datagram transport (what `sendto()` does).
+pub fn queue_datagram(py: Python<'_>, core: &TransportCore, data: &[u8], raw: RawAddr) {
+    {
+        let mut st = lock(py, &core.chan.state);
+        if st.closing || st.aborting || st.closed {
+            return;
+        }
+        st.datagram_bytes += data.len();
+        st.datagrams.push_back((data.to_vec(), raw));
+        core.chan.mark_dirty(&mut st);
+    }
+    core.maybe_pause(py);
 }
 
 /// The transport of a datagram server socket (`asyncio.DatagramTransport`'s methods).
@@ -455,16 +470,7 @@ impl DatagramTransport {
             ));
         };
         let raw = address::from_python(addr, slf.get().family)?;
-        {
-            let mut st = lock(py, &core.chan.state);
-            if st.closing || st.aborting || st.closed {
-                return Ok(());
-            }
-            st.datagram_bytes += buf.len();
-            st.datagrams.push_back((buf.as_slice().to_vec(), raw));
-            core.chan.mark_dirty(&mut st);
-        }
-        core.maybe_pause(py);
+        queue_datagram(py, core, buf.as_slice(), raw);
         Ok(())
     }
 

@@ -2,13 +2,16 @@
 //!
 //! Modes (all over loopback, one JSON line on stdout at the end):
 //!
-//! * `tcp`: `--conns` persistent connections, one thread each; every request is a message of
-//!   `--size` bytes ending in `\n`, and the thread waits for the whole echo before the next.
+//! * `tcp`: `--conns` persistent connections; every request is a message of `--size` bytes
+//!   ending in `\n`, and each connection waits for the whole echo before its next request.
 //! * `tcp-connect`: `--conns` concurrent clients, each doing connect, one request, close.
 //! * `udp`: `--conns` clients, one socket each, one datagram at a time; a reply that does not
 //!   arrive within `--timeout-ms` counts as lost (the datagram carries a sequence number, so a
 //!   late reply is never mistaken for the next one).
 //! * `unix`: like `tcp`, to a Unix stream socket path.
+//!
+//! `tcp`, `unix` and `udp` run all their clients on one thread with epoll (see `evented.rs`);
+//! `--threads` runs a thread per client instead (blocking sockets), as `tcp-connect` does.
 //! * `idle`: open `--conns` connections (at most `--concurrency` handshakes in flight, on one
 //!   thread with `poll(2)`), each sends one line and reads its echo, and then all stay open for
 //!   `--hold` seconds; reports how many were served and how many the server closed meanwhile.
@@ -22,6 +25,8 @@
 //! the program prints `# start` and waits for a line on stdin before it starts counting; at the
 //! end it prints `# stop` and waits for another line before it reports (the caller snapshots the
 //! server's kernel counters at both marks, with the load still applied / the connections open).
+
+mod evented;
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
@@ -130,13 +135,15 @@ struct Cfg {
     concurrency: usize,
     idle_timeout: f64,
     sync: bool,
+    /// A thread per client instead of one epoll thread (tcp, unix, udp).
+    threads: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: loadgen --mode tcp|tcp-connect|udp|unix|idle --addr HOST:PORT|PATH [--conns N] \
          [--size BYTES] [--duration S] [--warmup S] [--timeout-ms MS] [--io-timeout-ms MS] \
-         [--hold S] [--concurrency N] [--idle-timeout S] [--sync]"
+         [--hold S] [--concurrency N] [--idle-timeout S] [--sync] [--threads]"
     );
     process::exit(2)
 }
@@ -155,13 +162,18 @@ fn parse_args() -> Cfg {
         concurrency: 8,
         idle_timeout: 60.0,
         sync: false,
+        threads: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
-        if a == "--sync" {
-            c.sync = true;
+        if a == "--sync" || a == "--threads" {
+            if a == "--sync" {
+                c.sync = true;
+            } else {
+                c.threads = true;
+            }
             i += 1;
             continue;
         }
@@ -516,7 +528,24 @@ fn run_closed_loop(cfg: &Cfg) {
     let msg = Arc::new(message(cfg.size));
     let io_timeout = Duration::from_millis(cfg.io_timeout_ms.max(1));
     let mut hists = Vec::new();
-    for worker in 0..cfg.conns {
+    let evented = !cfg.threads && matches!(cfg.mode.as_str(), "tcp" | "unix" | "udp");
+    if evented {
+        sh.alive.store(1, Ordering::Release);
+        let h = Arc::new(Mutex::new(Hist::new()));
+        hists.push(h.clone());
+        let (sh, msg, cfg) = (sh.clone(), msg.clone(), cfg.clone());
+        let reply_timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+        thread::spawn(move || {
+            let target = match cfg.mode.as_str() {
+                "tcp" => evented::Target::Tcp(resolve(&cfg.addr)),
+                "unix" => evented::Target::Unix(cfg.addr.clone()),
+                _ => evented::Target::Udp(resolve(&cfg.addr)),
+            };
+            evented::run(target, cfg.conns, msg.to_vec(), io_timeout, reply_timeout, &sh, &h);
+            sh.alive.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+    for worker in (0..cfg.conns).filter(|_| !evented) {
         let h = Arc::new(Mutex::new(Hist::new()));
         hists.push(h.clone());
         let (sh, msg, cfg) = (sh.clone(), msg.clone(), cfg.clone());
