@@ -139,10 +139,10 @@ impl EventLoop {
         for token in dirty {
             self.flush(st, token)?;
         }
-        for token in std::mem::take(&mut st.retry_read) {
-            self.read_conn(st, token);
-        }
         let now = Instant::now();
+        for token in std::mem::take(&mut st.retry_read) {
+            self.read_conn(st, token, true, now);
+        }
         if st.backoff_until.is_some_and(|t| t <= now) {
             st.backoff_until = None;
         }
@@ -161,17 +161,19 @@ impl EventLoop {
         let poll = poll.as_mut().ok_or(Error::Os(libc::EBADF))?;
         poll.poll(events, timeout)?;
         let mut woken = false;
-        let ready: Vec<(usize, bool, bool)> = events
+        let now = Instant::now();
+        let ready: Vec<(usize, bool, bool, bool)> = events
             .iter()
             .map(|e| {
                 (
                     e.token().0,
                     e.is_readable() || e.is_read_closed() || e.is_error(),
                     e.is_writable(),
+                    e.is_read_closed() || e.is_error(),
                 )
             })
             .collect();
-        for (token, readable, writable) in ready {
+        for (token, readable, writable, closed) in ready {
             match Token(token) {
                 WAKER => woken = true,
                 LISTENER => {
@@ -187,7 +189,7 @@ impl EventLoop {
                         self.flush(st, token)?;
                     }
                     if readable {
-                        self.read_conn(st, token);
+                        self.read_conn(st, token, closed, now);
                     }
                 }
             }
@@ -273,7 +275,14 @@ impl EventLoop {
     }
 
     /// Receive everything a connection has (up to the round's budget) into the arena.
-    fn read_conn(&self, st: &mut LoopState, token: usize) {
+    ///
+    /// mio is edge-triggered, so the socket must be drained, but a short read (fewer
+    /// bytes than asked) already says it is: it took everything queued at that moment,
+    /// and whatever arrives later raises a new edge. That saves the `recv` that would
+    /// only say `EAGAIN`, one system call per request. Not when the event reported the
+    /// peer's end of stream or an error (`closed`): the FIN came before the read, raises
+    /// no further edge, and the next `recv` must see it.
+    fn read_conn(&self, st: &mut LoopState, token: usize, closed: bool, now: Instant) {
         let LoopState {
             conns,
             arena,
@@ -311,7 +320,7 @@ impl EventLoop {
                     return;
                 }
                 Ok(n) => {
-                    conn.last_active = Instant::now();
+                    conn.last_active = now;
                     match pending.back_mut() {
                         Some(Event::Data(t, s, len)) if *t == token && *s + *len == start => {
                             *len += n
@@ -321,6 +330,9 @@ impl EventLoop {
                     total += n;
                     if total >= READ_BUDGET {
                         retry_read.push(token);
+                        return;
+                    }
+                    if n < READ_CHUNK && !closed {
                         return;
                     }
                 }

@@ -135,3 +135,46 @@ def test_native_echo_refuses_bad_arguments():
     # Before connection_made there is no transport: received data is dropped, not echoed.
     echo.data_received(b"lost")
     assert echo.eof_received() is False
+
+
+class _RecordingEcho:
+    """A Python echo protocol that closes at EOF, like NativeEcho."""
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data):  # type: ignore[no-untyped-def]
+        self.transport.write(data)
+
+    def eof_received(self):  # type: ignore[no-untyped-def]
+        return False
+
+    def connection_lost(self, exc):  # type: ignore[no-untyped-def]
+        pass
+
+
+@pytest.mark.parametrize("protocol", [_core.NativeEcho, _RecordingEcho], ids=["native", "python"])
+def test_data_and_end_of_stream_together_are_both_seen(protocol):
+    """The loop stops reading a connection after a short read (it is drained), except when
+    the event also reports the peer's end of stream: data and FIN sent back to back must
+    give the echo and then the close, never a connection left hanging."""
+    server = fastsocketserver.TCPServer(("127.0.0.1", 0), protocol)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        for i in range(200):
+            payload = b"%d " % i * (1 + i % 50) + b"\n"
+            with socket.create_connection(server.server_address, timeout=TIMEOUT) as c:
+                c.sendall(payload)
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                assert got == payload
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.server_close()
