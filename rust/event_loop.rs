@@ -34,7 +34,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -124,6 +124,8 @@ pub struct EventLoop {
     idle_timeout: Option<Duration>,
     /// `close()` was called while a round held the loop; the round finishes it.
     closing: AtomicBool,
+    /// Open connections (what `connections` reports, also from inside a callback).
+    open: AtomicUsize,
 }
 
 fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
@@ -136,8 +138,15 @@ impl EventLoop {
     fn io_phase(&self, st: &mut LoopState, deadline: Option<Instant>) -> Result<bool> {
         let dirty =
             std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        // Flush every transport that queued something, even if one fails.
+        let mut failed = None;
         for token in dirty {
-            self.flush(st, token)?;
+            if let Err(err) = self.flush(st, token) {
+                failed.get_or_insert(err);
+            }
+        }
+        if let Some(err) = failed {
+            return Err(err);
         }
         let now = Instant::now();
         for token in std::mem::take(&mut st.retry_read) {
@@ -339,7 +348,7 @@ impl EventLoop {
                 Err(Error::Os(libc::EAGAIN)) => return,
                 Err(Error::Interrupted) => continue,
                 Err(Error::Os(code)) => {
-                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code));
+                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code), &self.open);
                     return;
                 }
                 Err(_) => return,
@@ -375,7 +384,7 @@ impl EventLoop {
             } else {
                 Lost::Clean
             };
-            close_conn(poll.as_ref(), conn, pending, token, why);
+            close_conn(poll.as_ref(), conn, pending, token, why, &self.open);
             return Ok(());
         }
         if cs.read_resumed {
@@ -390,7 +399,7 @@ impl EventLoop {
                 Err(Error::Interrupted) => continue,
                 Err(Error::Os(code)) => {
                     drop(cs);
-                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code));
+                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code), &self.open);
                     return Ok(());
                 }
                 Err(err) => return Err(err),
@@ -401,13 +410,22 @@ impl EventLoop {
             cs.out_pos = 0;
         }
         let left = after_flush(&mut cs, pending, token);
-        watch_writable(
+        if let Err(err) = watch_writable(
             poll.as_ref(),
             conn.fd,
             Token(token),
             left > 0,
             &mut conn.writable_interest,
-        )?;
+        ) {
+            // This connection cannot be watched any more: it ends, the loop goes on.
+            drop(cs);
+            let code = match err {
+                Error::Os(code) => code,
+                _ => libc::EIO,
+            };
+            close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code), &self.open);
+            return Ok(());
+        }
         if left == 0 {
             if cs.eof_requested && !cs.eof_sent {
                 cs.eof_sent = true;
@@ -416,7 +434,7 @@ impl EventLoop {
             }
             if cs.closing {
                 drop(cs);
-                close_conn(poll.as_ref(), conn, pending, token, Lost::Clean);
+                close_conn(poll.as_ref(), conn, pending, token, Lost::Clean, &self.open);
             }
         }
         Ok(())
@@ -480,7 +498,7 @@ impl EventLoop {
             };
             let expires = conn.last_active + limit;
             if expires <= now {
-                close_conn(poll.as_ref(), conn, pending, i + FIRST_CONN, Lost::Timeout);
+                close_conn(poll.as_ref(), conn, pending, i + FIRST_CONN, Lost::Timeout, &self.open);
             } else {
                 next = next.min(expires);
             }
@@ -637,6 +655,7 @@ impl EventLoop {
                 return self.report(py, py.None(), py.None(), err);
             }
         };
+        self.open.fetch_add(1, Ordering::Relaxed);
         st.conns[token - FIRST_CONN] = Some(Conn {
             fd,
             chan,
@@ -831,6 +850,40 @@ fn watch_writable(
     Ok(())
 }
 
+/// Connections accepted but not yet handed to a protocol: only descriptors, taken out
+/// of the pending events.
+fn unclaimed_descriptors(pending: &mut VecDeque<Event>) -> Vec<RawFd> {
+    pending
+        .drain(..)
+        .filter_map(|event| match event {
+            Event::Accepted(_, fd, _, _) => Some(fd),
+            _ => None,
+        })
+        .collect()
+}
+
+/// At the loop's end, close every descriptor it owns: the `unclaimed` ones and each open
+/// connection's (marked closed for its transport). No callback runs here.
+fn close_descriptors(unclaimed: Vec<RawFd>, conns: &mut [Option<Conn>], poll: Option<&Poll>) {
+    for fd in unclaimed {
+        // SAFETY: accepted by the loop, owned by no connection yet.
+        unsafe { libc::close(fd) };
+    }
+    for conn in conns.iter_mut().flatten().filter(|c| !c.closed) {
+        if let Some(poll) = poll {
+            let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
+        }
+        conn.closed = true;
+        conn.chan
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closed = true;
+        // SAFETY: the loop owns each open connection's descriptor.
+        unsafe { libc::close(conn.fd) };
+    }
+}
+
 /// Close a connection's descriptor now (detached phase) and queue its `connection_lost`.
 fn close_conn(
     poll: Option<&Poll>,
@@ -838,11 +891,13 @@ fn close_conn(
     pending: &mut VecDeque<Event>,
     token: usize,
     why: Lost,
+    open: &AtomicUsize,
 ) {
     if conn.closed {
         return;
     }
     conn.closed = true;
+    open.fetch_sub(1, Ordering::Relaxed);
     conn.chan
         .state
         .lock()
@@ -854,6 +909,21 @@ fn close_conn(
     // SAFETY: the loop owns the descriptor; it is closed exactly once, here.
     unsafe { libc::close(conn.fd) };
     pending.push_back(Event::Lost(token, why));
+}
+
+impl Drop for EventLoop {
+    /// A loop dropped without `close()` (its server collected without `server_close()`)
+    /// still closes the descriptors it owns; no callback runs.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let unclaimed = unclaimed_descriptors(&mut st.pending);
+        close_descriptors(unclaimed, &mut st.conns, None);
+        self.shared
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
 }
 
 #[pymethods]
@@ -920,6 +990,7 @@ impl EventLoop {
             on_error,
             idle_timeout,
             closing: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
         })
     }
 
@@ -989,40 +1060,18 @@ impl EventLoop {
         };
         let st = &mut *guard;
         let poll = st.poll.take();
-        let conns = std::mem::take(&mut st.conns);
+        let mut conns = std::mem::take(&mut st.conns);
         let datagram = st.datagram.take();
-        // Connections accepted but not yet handed to a protocol are only descriptors.
-        let unclaimed: Vec<RawFd> = st
-            .pending
-            .drain(..)
-            .filter_map(|event| match event {
-                Event::Accepted(_, fd, _, _) => Some(fd),
-                _ => None,
-            })
-            .collect();
+        let unclaimed = unclaimed_descriptors(&mut st.pending);
         drop(guard);
         py.detach(|| {
-            for fd in unclaimed {
-                // SAFETY: accepted by the loop, owned by no connection yet.
-                unsafe { libc::close(fd) };
-            }
-            for conn in conns.iter().flatten().filter(|c| !c.closed) {
-                if let Some(poll) = poll.as_ref() {
-                    let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
-                }
-                conn.chan
-                    .state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .closed = true;
-                // SAFETY: the loop owns each open connection's descriptor.
-                unsafe { libc::close(conn.fd) };
-            }
+            close_descriptors(unclaimed, &mut conns, poll.as_ref());
             if let Some(poll) = poll.as_ref() {
                 let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
             }
         });
         drop(poll);
+        self.open.store(0, Ordering::Relaxed);
         let mut first_err = None;
         let mut lost = |protocol: &Py<PyAny>| {
             if let Err(err) =
@@ -1062,13 +1111,8 @@ impl EventLoop {
 
     /// Open connections.
     #[getter]
-    fn connections(&self, py: Python<'_>) -> usize {
-        lock(py, &self.state)
-            .conns
-            .iter()
-            .flatten()
-            .filter(|c| !c.closed)
-            .count()
+    fn connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     #[getter]

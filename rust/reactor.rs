@@ -56,7 +56,9 @@ enum Want {
 enum Outcome {
     Ready,
     Accepted(RawFd, RawAddr),
-    Datagram(usize, RawAddr),
+    /// A datagram, copied out of the shared receive buffer inside the wait (so that two
+    /// threads waiting on one reactor never read each other's datagram).
+    Datagram(Vec<u8>, RawAddr),
     /// Requests went to the worker pool (see `pump`).
     Dispatched,
     /// The worker pool did not take a request: the Python path must.
@@ -141,7 +143,9 @@ impl Reactor {
                             Mode::Blocking,
                             None,
                         ) {
-                            Ok((n, addr)) => return Ok(Outcome::Datagram(n, addr)),
+                            Ok((n, addr)) => {
+                                return Ok(Outcome::Datagram(datagram[..n].to_vec(), addr))
+                            }
                             Err(Error::Os(libc::EAGAIN)) => *maybe_ready = false,
                             Err(err) => return Err(err),
                         }
@@ -191,7 +195,7 @@ impl Reactor {
             let taken = match self.step(st, want, deadline)? {
                 // SAFETY: just accepted, owned by nothing else.
                 Outcome::Accepted(fd, addr) => Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr),
-                Outcome::Datagram(n, addr) => Taken::Datagram(st.datagram[..n].to_vec(), addr),
+                Outcome::Datagram(data, addr) => Taken::Datagram(data, addr),
                 Outcome::TimedOut if queued > 0 => return Ok(Outcome::Dispatched),
                 other => return Ok(other),
             };
@@ -325,12 +329,10 @@ impl Reactor {
         timeout: Option<f64>,
     ) -> PyResult<Option<(Bound<'py, PyBytes>, Bound<'py, PyAny>)>> {
         match self.run(py, Want::Datagram(bufsize), timeout)? {
-            Outcome::Datagram(n, addr) => {
-                let st = lock(py, &self.state);
-                let data = PyBytes::new(py, &st.datagram[..n]);
-                drop(st);
-                Ok(Some((data, address::to_python(py, &addr)?)))
-            }
+            Outcome::Datagram(data, addr) => Ok(Some((
+                PyBytes::new(py, &data),
+                address::to_python(py, &addr)?,
+            ))),
             outcome => Self::check_closed(&outcome).map(|_| None),
         }
     }
@@ -403,10 +405,7 @@ impl Reactor {
                 Outcome::Accepted(fd, addr) => {
                     Some(Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr))
                 }
-                Outcome::Datagram(n, addr) => Some(Taken::Datagram(
-                    lock(py, &self.state).datagram[..n].to_vec(),
-                    addr,
-                )),
+                Outcome::Datagram(data, addr) => Some(Taken::Datagram(data, addr)),
                 Outcome::Refused(
                     Refused::Full(job) | Refused::Closed(job) | Refused::NoThread(job, _),
                 ) => match job.into_work() {

@@ -178,3 +178,53 @@ def test_data_and_end_of_stream_together_are_both_seen(protocol):
         server.shutdown()
         thread.join(TIMEOUT)
         server.server_close()
+
+
+def test_collected_server_closes_its_connections():
+    """A protocol server dropped without server_close() must not leak its connections'
+    descriptors: the client sees the end of the stream once the server is collected."""
+    import gc
+
+    server = fastsocketserver.TCPServer(("127.0.0.1", 0), _core.NativeEcho)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    client = socket.create_connection(server.server_address, timeout=TIMEOUT)
+    try:
+        client.sendall(b"ping\n")
+        assert recv_exactly(client, 5) == b"ping\n"
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.socket.close()  # the listener is the server's own socket.socket
+        del server, thread
+        gc.collect()
+        assert client.recv(1) == b""
+    finally:
+        client.close()
+
+
+def test_connection_count_can_be_read_from_a_callback():
+    """The event loop's open-connection count is readable from inside a protocol callback
+    (the loop's own lock is held there)."""
+    holder: dict = {}
+
+    class CountingEcho(_RecordingEcho):
+        def data_received(self, data):  # type: ignore[no-untyped-def]
+            self.transport.write(b"%d\n" % holder["server"]._reactor().connections)
+
+    server = fastsocketserver.TCPServer(("127.0.0.1", 0), CountingEcho)
+    holder["server"] = server
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    clients = []
+    try:
+        for n in range(1, 4):
+            c = socket.create_connection(server.server_address, timeout=TIMEOUT)
+            clients.append(c)
+            c.sendall(b"?\n")
+            assert c.recv(16) == b"%d\n" % n
+    finally:
+        for c in clients:
+            c.close()
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.server_close()

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import weakref
 from time import monotonic as _time
 from typing import Any, Callable
 
@@ -34,6 +35,19 @@ _HANDLED = (Exception, _core.PanicException)
 _READY = object()
 #: What ``_next_request`` returns when the event loop ran protocol callbacks itself.
 _DONE = object()
+
+
+def _weak_method(server: Any, name: str) -> Callable[..., Any]:
+    """``getattr(server, name)`` as a callable that does not keep ``server`` alive."""
+    ref = weakref.ref(server)
+
+    def call(*args: Any) -> Any:
+        target = ref()
+        if target is None:
+            raise ReferenceError(f"the server of this {name}() is gone")
+        return getattr(target, name)(*args)
+
+    return call
 
 
 def _is_protocol_class(handler: Any) -> bool:
@@ -112,9 +126,19 @@ class BaseServer:
                 "protocol handlers are served by the engine's own accept loop; "
                 f"{type(self).__name__} overrides get_request(), which it cannot call"
             )
-        verify = self.verify_request if _overridden(self, "verify_request") else None
+        # The loop lives in the server's __dict__: it must not hold the server strongly
+        # (the engine's objects are invisible to the cycle collector), or a server dropped
+        # without server_close() would never be freed, nor its connections closed.
+        verify = _weak_method(self, "verify_request") if _overridden(self, "verify_request") else None
         return _core.EventLoop(
-            fd, family, kind, proto, self.RequestHandlerClass, self._report_error, verify, self.idle_timeout
+            fd,
+            family,
+            kind,
+            proto,
+            self.RequestHandlerClass,
+            _weak_method(self, "_report_error"),
+            verify,
+            self.idle_timeout,
         )
 
     def _engine_pool(self, kind: int) -> Any:

@@ -310,21 +310,9 @@ pub fn run(
         hist,
     };
     let now = Instant::now();
-    let mut clients: Vec<Client> = (0..conns)
-        .map(|_| Client {
-            sock: None,
-            sent: 0,
-            got: 0,
-            t0: now,
-            deadline: now,
-            seq: 0,
-            want_out: false,
-            retry_at: None,
-            done: false,
-        })
-        .collect();
+    let mut clients: Vec<Client> = (0..conns).map(|_| new_client(now, false)).collect();
     for i in 0..conns {
-        let mut c = std::mem::replace(&mut clients[i], placeholder(now));
+        let mut c = std::mem::replace(&mut clients[i], new_client(now, true));
         lp.open(&mut c, i);
         clients[i] = c;
     }
@@ -346,7 +334,7 @@ pub fn run(
         }
         for ev in &events[..n.max(0) as usize] {
             let i = ev.u64 as usize;
-            let mut c = std::mem::replace(&mut clients[i], placeholder(now));
+            let mut c = std::mem::replace(&mut clients[i], new_client(now, true));
             if c.sock.is_some() && ev.events & libc::EPOLLOUT as u32 != 0 {
                 lp.send(&mut c, i);
             }
@@ -370,7 +358,8 @@ pub fn run(
     unsafe { libc::close(ep) };
 }
 
-fn placeholder(now: Instant) -> Client {
+/// A client without a socket; `done` ones are placeholders while a client is borrowed.
+fn new_client(now: Instant, done: bool) -> Client {
     Client {
         sock: None,
         sent: 0,
@@ -380,6 +369,6 @@ fn placeholder(now: Instant) -> Client {
         seq: 0,
         want_out: false,
         retry_at: None,
-        done: true,
+        done,
     }
 }
