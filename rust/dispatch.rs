@@ -68,7 +68,9 @@ impl Taken {
                 }
             }
             Taken::Datagram(data, addr) => Request {
-                request: (PyBytes::new(py, &data), sock).into_pyobject(py)?.into_any(),
+                request: (PyBytes::new(py, &data), sock)
+                    .into_pyobject(py)?
+                    .into_any(),
                 address: address::to_python(py, &addr)?,
                 conn: None,
             },
@@ -103,9 +105,11 @@ impl Dispatch {
     fn handle(&self, py: Python<'_>, req: &Request<'_>) -> Result<(), Failure> {
         let server = self.server.bind(py);
         let finish_request = || {
-            server
-                .getattr(intern!(py, "RequestHandlerClass"))?
-                .call1((&req.request, &req.address, server))
+            server.getattr(intern!(py, "RequestHandlerClass"))?.call1((
+                &req.request,
+                &req.address,
+                server,
+            ))
         };
         match catch_panic(finish_request) {
             Ok(_) => Ok(()),

@@ -22,9 +22,9 @@ use crate::connection::Connection;
 use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::native::NativeEcho;
 use crate::syscall::{self, Mode, RawAddr};
-use crate::transport::{self,
-    BaseTransport, ChanState, Channel, DatagramTransport, LoopShared, Transport, TransportCore,
-    CURRENT_LOOP,
+use crate::transport::{
+    self, BaseTransport, ChanState, Channel, DatagramTransport, LoopShared, Transport,
+    TransportCore, CURRENT_LOOP,
 };
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
@@ -348,7 +348,14 @@ impl EventLoop {
                 Err(Error::Os(libc::EAGAIN)) => return,
                 Err(Error::Interrupted) => continue,
                 Err(Error::Os(code)) => {
-                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code), &self.open);
+                    close_conn(
+                        poll.as_ref(),
+                        conn,
+                        pending,
+                        token,
+                        Lost::Os(code),
+                        &self.open,
+                    );
                     return;
                 }
                 Err(_) => return,
@@ -399,7 +406,14 @@ impl EventLoop {
                 Err(Error::Interrupted) => continue,
                 Err(Error::Os(code)) => {
                     drop(cs);
-                    close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code), &self.open);
+                    close_conn(
+                        poll.as_ref(),
+                        conn,
+                        pending,
+                        token,
+                        Lost::Os(code),
+                        &self.open,
+                    );
                     return Ok(());
                 }
                 Err(err) => return Err(err),
@@ -423,7 +437,14 @@ impl EventLoop {
                 Error::Os(code) => code,
                 _ => libc::EIO,
             };
-            close_conn(poll.as_ref(), conn, pending, token, Lost::Os(code), &self.open);
+            close_conn(
+                poll.as_ref(),
+                conn,
+                pending,
+                token,
+                Lost::Os(code),
+                &self.open,
+            );
             return Ok(());
         }
         if left == 0 {
@@ -498,7 +519,14 @@ impl EventLoop {
             };
             let expires = conn.last_active + limit;
             if expires <= now {
-                close_conn(poll.as_ref(), conn, pending, i + FIRST_CONN, Lost::Timeout, &self.open);
+                close_conn(
+                    poll.as_ref(),
+                    conn,
+                    pending,
+                    i + FIRST_CONN,
+                    Lost::Timeout,
+                    &self.open,
+                );
             } else {
                 next = next.min(expires);
             }

@@ -234,7 +234,9 @@ fn worker(shared: Arc<Shared>) {
         };
         let tracked = job.tracked;
         let outcome = match job.work {
-            Work::Call(func, args) => catch_panic(|| func.call1(py, args.bind(py).clone())).map(drop),
+            Work::Call(func, args) => {
+                catch_panic(|| func.call1(py, args.bind(py).clone())).map(drop)
+            }
             Work::Request(dispatch, taken) => dispatch.run_threaded(py, taken),
         };
         if let Err(err) = outcome {

@@ -194,7 +194,9 @@ impl Reactor {
         loop {
             let taken = match self.step(st, want, deadline)? {
                 // SAFETY: just accepted, owned by nothing else.
-                Outcome::Accepted(fd, addr) => Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr),
+                Outcome::Accepted(fd, addr) => {
+                    Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr)
+                }
                 Outcome::Datagram(data, addr) => Taken::Datagram(data, addr),
                 Outcome::TimedOut if queued > 0 => return Ok(Outcome::Dispatched),
                 other => return Ok(other),
@@ -372,16 +374,23 @@ impl Reactor {
         };
         let none = py.None().into_bound(py);
         let sock = sock.unwrap_or(&none);
-        let dispatch =
-            report.map(|r| Arc::new(Dispatch::new(server, r, Some(sock), self.family, self.proto)));
-        let pool = pool.filter(|_| dispatch.is_some()).map(|p| p.get().shared.clone());
+        let dispatch = report.map(|r| {
+            Arc::new(Dispatch::new(
+                server,
+                r,
+                Some(sock),
+                self.family,
+                self.proto,
+            ))
+        });
+        let pool = pool
+            .filter(|_| dispatch.is_some())
+            .map(|p| p.get().shared.clone());
         let batch = service_actions.is_none();
         crate::serve::serve_forever(server, service_actions, |stop| {
             let outcome = match (&pool, &dispatch) {
                 (Some(pool), Some(dispatch)) => {
-                    let tracked = !server
-                        .getattr(intern!(py, "daemon_threads"))?
-                        .is_truthy()?;
+                    let tracked = !server.getattr(intern!(py, "daemon_threads"))?.is_truthy()?;
                     let job = |taken| Job::new(Work::Request(dispatch.clone(), taken), tracked);
                     let want = want();
                     self.run_with(py, poll_interval, |st, deadline| {

@@ -93,7 +93,11 @@ impl Loop<'_> {
                 Sock::Unix(s)
             }
             Target::Udp(addr) => {
-                let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let bind = if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
                 let s = UdpSocket::bind(bind)?;
                 s.connect(addr)?;
                 s.set_nonblocking(true)?;
@@ -159,12 +163,19 @@ impl Loop<'_> {
         c.sent = 0;
         c.got = 0;
         c.t0 = Instant::now();
-        c.deadline = c.t0 + if self.udp() { self.reply_timeout } else { self.io_timeout };
+        c.deadline = c.t0
+            + if self.udp() {
+                self.reply_timeout
+            } else {
+                self.io_timeout
+            };
         self.send(c, i);
     }
 
     fn send(&mut self, c: &mut Client, i: usize) {
-        let Some(fd) = c.sock.as_ref().map(Sock::fd) else { return };
+        let Some(fd) = c.sock.as_ref().map(Sock::fd) else {
+            return;
+        };
         if self.udp() {
             // The request buffer is shared: put this client's sequence number in it.
             self.msg[..16].copy_from_slice(&hex16(c.seq));
@@ -172,7 +183,12 @@ impl Loop<'_> {
         while c.sent < self.msg.len() {
             let rest = &self.msg[c.sent..];
             let n = unsafe {
-                libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                libc::send(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
             };
             if n >= 0 {
                 c.sent += n as usize;
@@ -206,26 +222,46 @@ impl Loop<'_> {
     }
 
     fn readable(&mut self, c: &mut Client, i: usize) {
-        let Some(fd) = c.sock.as_ref().map(Sock::fd) else { return };
+        let Some(fd) = c.sock.as_ref().map(Sock::fd) else {
+            return;
+        };
         let size = self.msg.len();
         loop {
-            let (at, room) = if self.udp() { (0, self.buf.len()) } else { (c.got, size - c.got) };
-            let n = unsafe { libc::recv(fd, self.buf[at..].as_mut_ptr().cast(), room, libc::MSG_DONTWAIT) };
+            let (at, room) = if self.udp() {
+                (0, self.buf.len())
+            } else {
+                (c.got, size - c.got)
+            };
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.buf[at..].as_mut_ptr().cast(),
+                    room,
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n < 0 {
                 match errno() {
                     libc::EINTR => continue,
                     libc::EAGAIN => return,
                     code if self.udp() => {
-                        self.sh.error(format!("udp recv: {}", io::Error::from_raw_os_error(code)));
+                        self.sh
+                            .error(format!("udp recv: {}", io::Error::from_raw_os_error(code)));
                         return;
                     }
-                    code => return self.fail(c, format!("echo: {}", io::Error::from_raw_os_error(code))),
+                    code => {
+                        return self
+                            .fail(c, format!("echo: {}", io::Error::from_raw_os_error(code)))
+                    }
                 }
             }
             let n = n as usize;
             if self.udp() {
                 // The reply must carry this client's own sequence number.
-                if n == size && self.buf[..16] == hex16(c.seq) && self.buf[16..size] == self.msg[16..] {
+                if n == size
+                    && self.buf[..16] == hex16(c.seq)
+                    && self.buf[16..size] == self.msg[16..]
+                {
                     self.complete(c, i);
                     return;
                 }
@@ -338,7 +374,9 @@ pub fn run(
             if c.sock.is_some() && ev.events & libc::EPOLLOUT as u32 != 0 {
                 lp.send(&mut c, i);
             }
-            if c.sock.is_some() && ev.events & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+            if c.sock.is_some()
+                && ev.events & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
+            {
                 lp.readable(&mut c, i);
             }
             clients[i] = c;
