@@ -33,7 +33,7 @@ use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
+use std::os::fd::{IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -217,6 +217,7 @@ impl EventLoop {
         for _ in 0..ACCEPT_BUDGET {
             match syscall::accept(self.fd, true) {
                 Ok((fd, peer)) => {
+                    let fd = fd.into_raw_fd();
                     let local = syscall::sock_name(fd, false).unwrap_or_else(|_| RawAddr::empty());
                     // Register now, detached; the connection's objects are made in the
                     // callback phase, in the slot reserved here.

@@ -28,7 +28,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ enum Want {
 
 enum Outcome {
     Ready,
-    Accepted(RawFd, RawAddr),
+    Accepted(OwnedFd, RawAddr),
     /// A datagram, copied out of the shared receive buffer inside the wait (so that two
     /// threads waiting on one reactor never read each other's datagram).
     Datagram(Vec<u8>, RawAddr),
@@ -193,10 +193,7 @@ impl Reactor {
         let mut queued = 0;
         loop {
             let taken = match self.step(st, want, deadline)? {
-                // SAFETY: just accepted, owned by nothing else.
-                Outcome::Accepted(fd, addr) => {
-                    Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr)
-                }
+                Outcome::Accepted(fd, addr) => Taken::Stream(fd, addr),
                 Outcome::Datagram(data, addr) => Taken::Datagram(data, addr),
                 Outcome::TimedOut if queued > 0 => return Ok(Outcome::Dispatched),
                 other => return Ok(other),
@@ -314,7 +311,8 @@ impl Reactor {
     ) -> PyResult<Option<(Connection, Py<PyAny>)>> {
         match self.run(py, Want::Accept, timeout)? {
             Outcome::Accepted(fd, addr) => {
-                let conn = Connection::new(fd, self.family, libc::SOCK_STREAM, self.proto);
+                let conn =
+                    Connection::new(fd.into_raw_fd(), self.family, libc::SOCK_STREAM, self.proto);
                 Ok(Some((conn, address::to_python(py, &addr)?.unbind())))
             }
             outcome => Self::check_closed(&outcome).map(|_| None),
@@ -410,10 +408,7 @@ impl Reactor {
             let taken = match outcome {
                 Outcome::Closed => return Ok(true),
                 Outcome::Ready => None,
-                // SAFETY: just accepted, owned by nothing else.
-                Outcome::Accepted(fd, addr) => {
-                    Some(Taken::Stream(unsafe { OwnedFd::from_raw_fd(fd) }, addr))
-                }
+                Outcome::Accepted(fd, addr) => Some(Taken::Stream(fd, addr)),
                 Outcome::Datagram(data, addr) => Some(Taken::Datagram(data, addr)),
                 Outcome::Refused(
                     Refused::Full(job) | Refused::Closed(job) | Refused::NoThread(job, _),

@@ -9,7 +9,7 @@
 //! blocking calls (one syscall per wait, the cheapest path).
 
 use crate::error::{Error, Result};
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// A socket's timeout mode, as `socket.settimeout` sets it.
@@ -244,7 +244,7 @@ impl RawAddr {
 
 /// `accept4(2)` one connection, close-on-exec; in blocking mode as Python sockets
 /// start, unless `nonblocking` (the event loop's connections).
-pub fn accept(fd: RawFd, nonblocking: bool) -> Result<(RawFd, RawAddr)> {
+pub fn accept(fd: RawFd, nonblocking: bool) -> Result<(OwnedFd, RawAddr)> {
     let mut addr = RawAddr::empty();
     let flags = libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: addr has room for any address; len is in/out.
@@ -252,7 +252,8 @@ pub fn accept(fd: RawFd, nonblocking: bool) -> Result<(RawFd, RawAddr)> {
     if conn < 0 {
         Err(Error::last_os())
     } else {
-        Ok((conn, addr))
+        // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+        Ok((unsafe { OwnedFd::from_raw_fd(conn) }, addr))
     }
 }
 
