@@ -54,7 +54,10 @@ fn _normalize_address<'py>(
     address::to_python(address.py(), &raw)
 }
 
-#[pymodule]
+/// `gil_used = true`: the engine has not been run or tested on a free-threaded
+/// CPython, so it asks such an interpreter to keep (re-enable) the GIL rather than be
+/// declared safe without a test.
+#[pymodule(gil_used = true)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<connection::Connection>()?;
     m.add_class::<reader::SocketReader>()?;

@@ -14,6 +14,22 @@
 //!
 //! Descriptor exhaustion (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) on accept backs off
 //! for a short while instead of spinning; the server keeps waiting and retries.
+//!
+//! Threads share the poller through a [`Turn`]: one waits with it at a time, the others
+//! queue in arrival order, each until its own deadline (`handle_request(timeout)` from
+//! one thread while another runs `serve_forever()` returns on time). The waker sits
+//! behind an `Arc` so that `wake()` and `close()` only ever hold its mutex for a clone.
+//!
+//! The listening socket belongs to the user. Accepting needs it non-blocking (an
+//! edge-triggered poller accepts until `EAGAIN`), and the blocking flag lives in the
+//! open file description, shared with every copy of the descriptor; so the flag is set
+//! only while the engine waits on the socket and put back as it was when the last wait
+//! ends (`serve()` returns, or a single `accept()` finishes).
+//!
+//! A reactor belongs to the process that made it: after `fork()` the child shares the
+//! parent's epoll instance and may hold a copy of a turn some parent thread had taken.
+//! In a child, `stale` is true; the server then builds a fresh reactor and drops the
+//! old one without touching the shared poller (`close()` does nothing there).
 
 use crate::address;
 use crate::connection::Connection;
@@ -21,7 +37,7 @@ use crate::dispatch::{Dispatch, Taken};
 use crate::error::{Error, Result};
 use crate::pool::{self, Job, Refused, Work, WorkerPool};
 use crate::syscall::{self, Mode, RawAddr};
-use crate::wait::{blocking, lock};
+use crate::wait::{blocking, Held, Turn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use pyo3::exceptions::PyValueError;
@@ -29,7 +45,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +61,9 @@ struct PollState {
     rearm: bool,
     backoff_until: Option<Instant>,
     datagram: Vec<u8>,
+    /// The listener's file status flags before the engine made it non-blocking, while it
+    /// is so (see `Reactor::make_nonblocking`).
+    saved_flags: Option<libc::c_int>,
 }
 
 enum Want {
@@ -74,8 +93,8 @@ const MAX_BATCH: usize = 64;
 
 #[pyclass(module = "fastsocketserver._core", frozen)]
 pub struct Reactor {
-    state: Mutex<PollState>,
-    waker: Mutex<Option<Waker>>,
+    state: Turn<PollState>,
+    waker: Mutex<Option<Arc<Waker>>>,
     fd: RawFd,
     family: i32,
     kind: i32,
@@ -83,8 +102,35 @@ pub struct Reactor {
     accepting: bool,
     /// `close()` was called; whoever holds the wait finishes it (see `close`).
     closing: AtomicBool,
-    /// `wake()` was called since the current round began: ends a `pump` batch.
-    wake_requested: AtomicBool,
+    /// How many times `wake()` was called. A wait ends as soon as this differs from
+    /// the count its caller saw before it last checked for `shutdown()`: a wake is never
+    /// lost to another thread's wait that happened to consume the waker's event.
+    wakes: AtomicU64,
+    /// How many `serve()` loops are running: while any is, the listener stays
+    /// non-blocking between rounds.
+    serving: AtomicUsize,
+    /// A `serve()` loop ended while another thread held the poller: whoever gives the
+    /// poller back next puts the listener's flags back (see `settle`).
+    restore_requested: AtomicBool,
+    /// The process that made this reactor.
+    pid: libc::pid_t,
+}
+
+/// What `release` took from a closed reactor, to be closed without the GIL.
+struct Released {
+    poll: Option<Poll>,
+    waker: Option<Arc<Waker>>,
+    listener: RawFd,
+}
+
+impl Released {
+    fn finish(self) {
+        if let Some(poll) = &self.poll {
+            let _ = poll.registry().deregister(&mut SourceFd(&self.listener));
+        }
+        drop(self.poll);
+        drop(self.waker);
+    }
 }
 
 fn exhausted(code: i32) -> bool {
@@ -96,7 +142,13 @@ fn exhausted(code: i32) -> bool {
 
 impl Reactor {
     /// One wait, all of it detached: poll, then take the connection or datagram.
-    fn step(&self, st: &mut PollState, want: &Want, deadline: Option<Instant>) -> Result<Outcome> {
+    fn step(
+        &self,
+        st: &mut PollState,
+        want: &Want,
+        deadline: Option<Instant>,
+        seen: u64,
+    ) -> Result<Outcome> {
         let fd = self.fd;
         let PollState {
             poll,
@@ -105,8 +157,12 @@ impl Reactor {
             rearm,
             backoff_until,
             datagram,
+            saved_flags,
         } = st;
         let poll = poll.as_mut().ok_or(Error::Os(libc::EBADF))?;
+        if matches!(want, Want::Accept) && saved_flags.is_none() {
+            *saved_flags = Some(syscall::make_nonblocking(fd)?);
+        }
         if *rearm {
             poll.registry()
                 .reregister(&mut SourceFd(&fd), LISTENER, Interest::READABLE)?;
@@ -114,6 +170,9 @@ impl Reactor {
         }
         let mut looked = false;
         loop {
+            if self.wakes.load(Ordering::Acquire) != seen || self.closing.load(Ordering::Acquire) {
+                return Ok(Outcome::Woken);
+            }
             let now = Instant::now();
             if backoff_until.is_some_and(|t| t <= now) {
                 *backoff_until = None;
@@ -189,10 +248,11 @@ impl Reactor {
         pool: &Arc<pool::Shared>,
         job: &(dyn Fn(Taken) -> Job + Sync),
         batch: bool,
+        seen: u64,
     ) -> Result<Outcome> {
         let mut queued = 0;
         loop {
-            let taken = match self.step(st, want, deadline)? {
+            let taken = match self.step(st, want, deadline, seen)? {
                 Outcome::Accepted(fd, addr) => Taken::Stream(fd, addr),
                 Outcome::Datagram(data, addr) => Taken::Datagram(data, addr),
                 Outcome::TimedOut if queued > 0 => return Ok(Outcome::Dispatched),
@@ -204,7 +264,7 @@ impl Reactor {
             queued += 1;
             if !batch
                 || queued >= MAX_BATCH
-                || self.wake_requested.load(Ordering::Acquire)
+                || self.wakes.load(Ordering::Acquire) != seen
                 || deadline.is_some_and(|d| d <= Instant::now())
             {
                 return Ok(Outcome::Dispatched);
@@ -213,10 +273,16 @@ impl Reactor {
     }
 
     fn run(&self, py: Python<'_>, want: Want, timeout: Option<f64>) -> PyResult<Outcome> {
-        self.run_with(py, timeout, |st, deadline| self.step(st, &want, deadline))
+        let seen = self.wakes.load(Ordering::Acquire);
+        self.run_with(py, timeout, |st, deadline| {
+            self.step(st, &want, deadline, seen)
+        })
     }
 
     /// One round's wait: `wait(state, deadline)` runs detached (see [`blocking`]).
+    ///
+    /// The deadline covers the wait for the poller too: a thread whose turn does not
+    /// come in time times out like one whose wait saw nothing.
     fn run_with(
         &self,
         py: Python<'_>,
@@ -224,28 +290,107 @@ impl Reactor {
         mut wait: impl FnMut(&mut PollState, Option<Instant>) -> Result<Outcome> + Send,
     ) -> PyResult<Outcome> {
         let deadline = syscall::deadline_after(timeout);
-        let mut st = lock(py, &self.state);
-        let st = &mut *st;
-        if self.closing.load(Ordering::Acquire) {
-            self.release(st);
+        let closing = || self.closing.load(Ordering::Acquire);
+        let Some(mut st) = self.state.take(py, deadline, closing)? else {
+            return Ok(if closing() {
+                self.close_now(py);
+                Outcome::Closed
+            } else {
+                Outcome::TimedOut
+            });
+        };
+        if closing() {
+            self.release_held(py, st);
             return Ok(Outcome::Closed);
         }
-        self.wake_requested.store(false, Ordering::Release);
-        let outcome = blocking(py, || wait(st, deadline));
-        if self.closing.load(Ordering::Acquire) {
+        let outcome = {
+            let st = &mut *st;
+            blocking(py, || {
+                let outcome = wait(st, deadline);
+                if self.serving.load(Ordering::Acquire) == 0 {
+                    self.restore_flags(st);
+                }
+                outcome
+            })
+        };
+        if closing() {
             // close() was called meanwhile (from a signal handler or a callback of this
-            // thread, or from another thread): finish it here, where the lock is held.
-            self.release(st);
+            // thread, or from another thread): finish it here, where the poller is held.
+            self.release_held(py, st);
             return Ok(Outcome::Closed);
         }
+        drop(st);
+        self.settle(py);
         outcome
     }
 
-    fn release(&self, st: &mut PollState) {
-        if let Some(poll) = st.poll.take() {
-            let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
+    /// Put the listener's file status flags back as they were before the engine made
+    /// it non-blocking (detached: a system call).
+    fn restore_flags(&self, st: &mut PollState) {
+        if let Some(flags) = st.saved_flags.take() {
+            let _ = syscall::restore_flags(self.fd, flags);
         }
-        self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// After a `serve()` loop ended while another thread held the poller: put the
+    /// flags back if no loop is left and the poller is free. Every thread that gives
+    /// the poller back calls this, so the last one does it.
+    fn settle(&self, py: Python<'_>) {
+        while self.restore_requested.load(Ordering::Acquire) {
+            let Some(mut st) = self.state.try_take() else {
+                return;
+            };
+            self.restore_requested.store(false, Ordering::Release);
+            if self.serving.load(Ordering::Acquire) == 0 && st.saved_flags.is_some() {
+                let st = &mut *st;
+                py.detach(|| self.restore_flags(st));
+            }
+        }
+    }
+
+    /// Take what a closed reactor holds out of `st` (the poller, the waker).
+    fn release(&self, st: &mut PollState) -> Released {
+        Released {
+            poll: st.poll.take(),
+            waker: self.waker.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            listener: self.fd,
+        }
+    }
+
+    /// Release with the poller held: flags back, poller deregistered and closed, all
+    /// detached; the turn is given back so that queued waiters see the close.
+    fn release_held(&self, py: Python<'_>, mut st: Held<'_, PollState>) {
+        let released = self.release(&mut st);
+        {
+            let st = &mut *st;
+            py.detach(|| {
+                self.restore_flags(st);
+                released.finish();
+            });
+        }
+        drop(st);
+        self.state.notify();
+    }
+
+    /// Finish a close now if the poller is free; otherwise wake whoever holds it, who
+    /// finishes the close when its wait returns.
+    fn close_now(&self, py: Python<'_>) {
+        match self.state.try_take() {
+            Some(st) => self.release_held(py, st),
+            None => {
+                self.wake_detached(py);
+                self.state.notify();
+            }
+        }
+    }
+
+    /// Wake the current wait. The waker's mutex is held only to clone the `Arc`, never
+    /// across the detach.
+    fn wake_detached(&self, py: Python<'_>) {
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(waker) = waker {
+            let _ = py.detach(|| waker.wake());
+        }
     }
 
     /// A taken request, or None; ValueError once the reactor is closed (as the stdlib's
@@ -265,31 +410,33 @@ impl Reactor {
     #[new]
     #[pyo3(signature = (fd, family, kind, proto, accepting))]
     fn new(fd: RawFd, family: i32, kind: i32, proto: i32, accepting: bool) -> PyResult<Reactor> {
-        if accepting && kind == libc::SOCK_STREAM {
-            syscall::set_nonblocking(fd, true)?;
-        }
         let poll = Poll::new().map_err(Error::from)?;
         poll.registry()
             .register(&mut SourceFd(&fd), LISTENER, Interest::READABLE)
             .map_err(Error::from)?;
         let waker = Waker::new(poll.registry(), WAKER).map_err(Error::from)?;
         Ok(Reactor {
-            state: Mutex::new(PollState {
+            state: Turn::new(PollState {
                 poll: Some(poll),
                 events: Events::with_capacity(8),
                 maybe_ready: false,
                 rearm: false,
                 backoff_until: None,
                 datagram: Vec::new(),
+                saved_flags: None,
             }),
-            waker: Mutex::new(Some(waker)),
+            waker: Mutex::new(Some(Arc::new(waker))),
             fd,
             family,
             kind,
             proto,
             accepting,
             closing: AtomicBool::new(false),
-            wake_requested: AtomicBool::new(false),
+            wakes: AtomicU64::new(0),
+            serving: AtomicUsize::new(0),
+            restore_requested: AtomicBool::new(false),
+            // SAFETY: getpid has no preconditions.
+            pid: unsafe { libc::getpid() },
         })
     }
 
@@ -385,17 +532,29 @@ impl Reactor {
             .filter(|_| dispatch.is_some())
             .map(|p| p.get().shared.clone());
         let batch = service_actions.is_none();
-        crate::serve::serve_forever(server, service_actions, |stop| {
+        self.serving.fetch_add(1, Ordering::AcqRel);
+        let served = crate::serve::serve_forever(server, service_actions, |stop| {
+            // The wake count is read before this round's own look at the shutdown flag,
+            // so a `shutdown()` that sets the flag after that look also ends the wait.
+            let seen = self.wakes.load(Ordering::Acquire);
+            if stop.is_set()? {
+                return Ok(true);
+            }
             let outcome = match (&pool, &dispatch) {
                 (Some(pool), Some(dispatch)) => {
                     let tracked = !server.getattr(intern!(py, "daemon_threads"))?.is_truthy()?;
                     let job = |taken| Job::new(Work::Request(dispatch.clone(), taken), tracked);
                     let want = want();
                     self.run_with(py, poll_interval, |st, deadline| {
-                        self.pump(st, &want, deadline, pool, &job, batch)
+                        self.pump(st, &want, deadline, pool, &job, batch, seen)
                     })
                 }
-                _ => self.run(py, want(), poll_interval),
+                _ => {
+                    let want = want();
+                    self.run_with(py, poll_interval, |st, deadline| {
+                        self.step(st, &want, deadline, seen)
+                    })
+                }
             };
             let outcome = match outcome {
                 Ok(outcome) => outcome,
@@ -433,15 +592,26 @@ impl Reactor {
                 }
             }
             Ok(stopping)
-        })
+        });
+        // The listener goes back to its own flags once no loop is left (whoever holds
+        // the poller now does it when it gives the poller back, if this cannot).
+        self.serving.fetch_sub(1, Ordering::AcqRel);
+        self.restore_requested.store(true, Ordering::Release);
+        self.settle(py);
+        served
     }
 
     /// Wake the current (or next) wait; it returns None/False.
+    ///
+    /// In a forked child it does nothing: the waker is the parent's.
     fn wake(&self, py: Python<'_>) -> PyResult<()> {
-        self.wake_requested.store(true, Ordering::Release);
-        let waker = lock(py, &self.waker);
-        if let Some(w) = waker.as_ref() {
-            py.detach(|| w.wake()).map_err(Error::from)?;
+        if self.stale() {
+            return Ok(());
+        }
+        self.wakes.fetch_add(1, Ordering::AcqRel);
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(waker) = waker {
+            py.detach(|| waker.wake()).map_err(Error::from)?;
         }
         Ok(())
     }
@@ -452,22 +622,22 @@ impl Reactor {
     /// a signal handler or callback run by the waiting thread: the wait is woken and the
     /// waiting side releases the poller; `serve()` then returns and later waits raise
     /// `ValueError`.
+    ///
+    /// In a forked child (see `stale`) it only marks the reactor closed: the poller is
+    /// shared with the parent, whose registrations must stay.
     fn close(&self, py: Python<'_>) {
         self.closing.store(true, Ordering::Release);
-        match self.state.try_lock() {
-            Ok(mut st) => self.release(&mut st),
-            Err(std::sync::TryLockError::Poisoned(p)) => self.release(&mut p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                if let Some(waker) = self
-                    .waker
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    let _ = py.detach(|| waker.wake());
-                }
-            }
+        if !self.stale() {
+            self.close_now(py);
         }
+    }
+
+    /// True in a process other than the one that made the reactor (a forked child).
+    #[getter]
+    fn stale(&self) -> bool {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        pid != self.pid
     }
 
     /// The socket type of the listening socket (`SOCK_STREAM` or `SOCK_DGRAM`).

@@ -358,6 +358,26 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// Make `fd` non-blocking; returns its file status flags from before, for
+/// [`restore_flags`].
+pub fn make_nonblocking(fd: RawFd) -> Result<libc::c_int> {
+    // SAFETY: fcntl on a descriptor we were given; failure is reported.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    }
+    Ok(flags)
+}
+
+/// Put back the blocking flag of `fd` as `make_nonblocking` found it.
+pub fn restore_flags(fd: RawFd, before: libc::c_int) -> Result<()> {
+    if before & libc::O_NONBLOCK == 0 {
+        set_nonblocking(fd, false)?;
+    }
+    Ok(())
+}
+
 /// `getsockname(2)`/`getpeername(2)`.
 pub fn sock_name(fd: RawFd, peer: bool) -> Result<RawAddr> {
     let mut addr = RawAddr::empty();

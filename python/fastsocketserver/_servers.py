@@ -95,6 +95,9 @@ class BaseServer:
         self.__is_shut_down = threading.Event()
         self.__shutdown_request = False
         self.__reactor: _core.Reactor | None = None
+        # The listening socket object the reactor was made for: a socket replaced by
+        # another one that got the same descriptor number is still a new socket.
+        self.__reactor_socket: Any = None
 
     def server_activate(self) -> None:
         """Called by constructor to activate the server.  May be overridden."""
@@ -103,21 +106,37 @@ class BaseServer:
 
     def _reactor(self) -> _core.Reactor:
         fd = self.fileno()
+        sock = getattr(self, "socket", None)
         reactor = self.__reactor
-        if reactor is None or reactor.fd != fd:
+        if (
+            reactor is None
+            or reactor.fd != fd
+            or self.__reactor_socket is not sock
+            or getattr(reactor, "stale", False)
+        ):
+            self.__reactor = self.__reactor_socket = None
             if reactor is not None:
+                # In a forked child this only marks the parent's reactor closed.
                 reactor.close()
-            sock = getattr(self, "socket", None)
             if isinstance(sock, socket.socket) and sock.fileno() == fd:
                 family, kind, proto = int(sock.family), int(sock.type), sock.proto
             else:
                 family, kind, proto = socket.AF_UNSPEC, 0, 0
-            accepting = _library_get_request(self, kind)
+            plain = _plain_listener(sock, kind)
+            accepting = plain and _library_get_request(self, kind)
             if _is_protocol_class(self.RequestHandlerClass):
+                if not plain:
+                    raise TypeError(
+                        f"{type(self).__name__}.socket is a {type(sock).__module__}."
+                        f"{type(sock).__qualname__}, not a plain socket.socket: protocol "
+                        "handlers are accepted by the engine's event loop on the raw "
+                        "descriptor, which would bypass that object's accept() (for an "
+                        "ssl.SSLSocket, its TLS handshake) and serve plaintext"
+                    )
                 reactor = self._event_loop(fd, family, kind, proto, accepting)
             else:
                 reactor = _core.Reactor(fd, family, kind, proto, accepting)
-            self.__reactor = reactor
+            self.__reactor, self.__reactor_socket = reactor, sock
         return reactor
 
     def _event_loop(self, fd: int, family: int, kind: int, proto: int, accepting: bool) -> Any:
@@ -159,6 +178,7 @@ class BaseServer:
 
     def _close_reactor(self) -> None:
         reactor, self.__reactor = self.__reactor, None
+        self.__reactor_socket = None
         if reactor is not None:
             reactor.close()
 
@@ -475,6 +495,23 @@ def _library_dispatch(server: BaseServer, kind: int, **mixin_hooks: Any) -> bool
         return False
     hooks = {**hooks, **mixin_hooks}
     return all(name not in vars(server) and getattr(type(server), name, None) is own for name, own in hooks.items())
+
+
+def _plain_listener(sock: Any, kind: int) -> bool:
+    """True when taking a request on ``sock``'s descriptor in the engine is exactly what
+    ``sock.accept()`` (``sock.recvfrom()`` for datagrams) would do: a ``socket.socket``
+    whose class and instance keep the socket module's own methods. Anything else (an
+    ``ssl.SSLSocket``, whose ``accept()`` runs the TLS handshake; a subclass or object
+    with its own ``accept``) must be called as the stdlib calls it."""
+    if not isinstance(sock, socket.socket):
+        return False
+    ssl = sys.modules.get("ssl")
+    if ssl is not None and isinstance(sock, ssl.SSLSocket):
+        return False
+    names = ("accept", "_accept") if kind == socket.SOCK_STREAM else ("recvfrom",)
+    own = getattr(sock, "__dict__", {})
+    cls = type(sock)
+    return all(name not in own and getattr(cls, name) is getattr(socket.socket, name) for name in names)
 
 
 def _library_get_request(server: BaseServer, kind: int) -> bool:
