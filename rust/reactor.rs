@@ -44,7 +44,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -114,23 +114,19 @@ pub struct Reactor {
     restore_requested: AtomicBool,
     /// The process that made this reactor.
     pid: libc::pid_t,
+    /// A duplicate of the listener, made by `close()` while the user's socket is still
+    /// open, through which the closing side puts the blocking flag back: by then the
+    /// user may have closed `fd` and the kernel given its number to another file.
+    handoff: Mutex<Option<OwnedFd>>,
 }
 
-/// What `release` took from a closed reactor, to be closed without the GIL.
+/// What `release` took from a closed reactor, to be closed without the GIL. Closing
+/// the poller drops its registrations; nothing is deregistered by number (the
+/// listener's number may already belong to another file).
 struct Released {
-    poll: Option<Poll>,
-    waker: Option<Arc<Waker>>,
-    listener: RawFd,
-}
-
-impl Released {
-    fn finish(self) {
-        if let Some(poll) = &self.poll {
-            let _ = poll.registry().deregister(&mut SourceFd(&self.listener));
-        }
-        drop(self.poll);
-        drop(self.waker);
-    }
+    _poll: Option<Poll>,
+    _waker: Option<Arc<Waker>>,
+    listener: Option<OwnedFd>,
 }
 
 fn exhausted(code: i32) -> bool {
@@ -348,24 +344,32 @@ impl Reactor {
         }
     }
 
-    /// Take what a closed reactor holds out of `st` (the poller, the waker).
+    /// Take what a closed reactor holds (the poller, the waker, the duplicate).
     fn release(&self, st: &mut PollState) -> Released {
         Released {
-            poll: st.poll.take(),
-            waker: self.waker.lock().unwrap_or_else(|p| p.into_inner()).take(),
-            listener: self.fd,
+            _poll: st.poll.take(),
+            _waker: self.waker.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            listener: self
+                .handoff
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
         }
     }
 
-    /// Release with the poller held: flags back, poller deregistered and closed, all
-    /// detached; the turn is given back so that queued waiters see the close.
+    /// Release with the poller held: the flags put back through the duplicate (none
+    /// when the listener was already gone), the poller and waker closed, all detached;
+    /// the turn is given back so that queued waiters see the close.
     fn release_held(&self, py: Python<'_>, mut st: Held<'_, PollState>) {
         let released = self.release(&mut st);
         {
             let st = &mut *st;
-            py.detach(|| {
-                self.restore_flags(st);
-                released.finish();
+            py.detach(move || {
+                let saved = st.saved_flags.take();
+                if let (Some(flags), Some(fd)) = (saved, &released.listener) {
+                    let _ = syscall::restore_flags(fd.as_raw_fd(), flags);
+                }
+                drop(released);
             });
         }
         drop(st);
@@ -437,6 +441,7 @@ impl Reactor {
             restore_requested: AtomicBool::new(false),
             // SAFETY: getpid has no preconditions.
             pid: unsafe { libc::getpid() },
+            handoff: Mutex::new(None),
         })
     }
 
@@ -623,13 +628,30 @@ impl Reactor {
     /// waiting side releases the poller; `serve()` then returns and later waits raise
     /// `ValueError`.
     ///
+    /// `listener_open` says that the listening socket is still open under the number
+    /// the reactor was made for (false once the user closed or replaced it): only then is
+    /// its blocking flag put back, through a duplicate made here.
+    ///
     /// In a forked child (see `stale`) it only marks the reactor closed: the poller is
     /// shared with the parent, whose registrations must stay.
-    fn close(&self, py: Python<'_>) {
-        self.closing.store(true, Ordering::Release);
-        if !self.stale() {
-            self.close_now(py);
+    #[pyo3(signature = (listener_open = true))]
+    fn close(&self, py: Python<'_>, listener_open: bool) {
+        if self.stale() {
+            self.closing.store(true, Ordering::Release);
+            return;
         }
+        if listener_open && !self.closing.load(Ordering::Acquire) {
+            // Made before `closing` is set, so whoever finishes the close finds it.
+            // SAFETY: the caller says `fd` is the listener, still open.
+            let dup = py.detach(|| unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) });
+            if dup >= 0 {
+                // SAFETY: fcntl just returned this descriptor; nothing else owns it.
+                *self.handoff.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(unsafe { OwnedFd::from_raw_fd(dup) });
+            }
+        }
+        self.closing.store(true, Ordering::Release);
+        self.close_now(py);
     }
 
     /// True in a process other than the one that made the reactor (a forked child).

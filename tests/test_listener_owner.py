@@ -288,3 +288,34 @@ def test_forked_child_serves_on_the_inherited_server(mod) -> None:  # type: igno
         assert reply == b"child %d\n" % pid
     finally:
         server.server_close()
+
+
+def test_server_close_during_a_wait_restores_the_flag_through_the_owner() -> None:
+    """``server_close()`` while another thread waits in ``serve_forever()``: the blocking
+    flag of the listener's open file description (still used by a process it was handed
+    to, here a duplicate) is put back, and a new file that got the closed listener's
+    number is left alone."""
+    for _ in range(20):
+        server = fss.TCPServer(("127.0.0.1", 0), fss.BaseRequestHandler)
+        handed = os.dup(server.socket.fileno())
+        try:
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 5
+            while os.get_blocking(handed) and time.monotonic() < deadline:
+                time.sleep(0.001)  # until the wait has begun (the engine made it non-blocking)
+            assert not os.get_blocking(handed)
+            number = server.socket.fileno()
+            server.server_close()
+            newcomer = socket.socket()
+            try:
+                newcomer.setblocking(False)
+                thread.join(5)
+                assert not thread.is_alive()
+                assert os.get_blocking(handed), "the handed-off listener was left non-blocking"
+                if newcomer.fileno() == number:
+                    assert not os.get_blocking(newcomer.fileno()), "a stranger's flag was changed"
+            finally:
+                newcomer.close()
+        finally:
+            os.close(handed)

@@ -114,10 +114,13 @@ class BaseServer:
             or self.__reactor_socket is not sock
             or getattr(reactor, "stale", False)
         ):
+            old_socket = self.__reactor_socket
             self.__reactor = self.__reactor_socket = None
             if reactor is not None:
-                # In a forked child this only marks the parent's reactor closed.
-                reactor.close()
+                # The old listener's flag is put back only if it is still open under
+                # the same number; in a forked child this only marks the parent's
+                # reactor closed.
+                _close(reactor, old_socket)
             if isinstance(sock, socket.socket) and sock.fileno() == fd:
                 family, kind, proto = int(sock.family), int(sock.type), sock.proto
             else:
@@ -178,9 +181,9 @@ class BaseServer:
 
     def _close_reactor(self) -> None:
         reactor, self.__reactor = self.__reactor, None
-        self.__reactor_socket = None
+        old_socket, self.__reactor_socket = self.__reactor_socket, None
         if reactor is not None:
-            reactor.close()
+            _close(reactor, old_socket)
 
     def _next_request(self, timeout: float | None) -> Any:
         """Wait up to ``timeout`` for the next request.
@@ -495,6 +498,22 @@ def _library_dispatch(server: BaseServer, kind: int, **mixin_hooks: Any) -> bool
         return False
     hooks = {**hooks, **mixin_hooks}
     return all(name not in vars(server) and getattr(type(server), name, None) is own for name, own in hooks.items())
+
+
+def _fileno(sock: Any) -> int:
+    """``sock.fileno()``, or -1 for a closed or detached socket or no socket at all."""
+    try:
+        return sock.fileno()
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+def _close(reactor: Any, listener: Any) -> None:
+    """Close ``reactor``, saying whether its listener is still open under its number."""
+    if type(reactor) is _core.Reactor:
+        reactor.close(_fileno(listener) == reactor.fd)
+    else:
+        reactor.close()
 
 
 def _plain_listener(sock: Any, kind: int) -> bool:
