@@ -16,6 +16,14 @@
 //! goes to the server's `handle_error` and aborts only that connection (as asyncio
 //! does); `KeyboardInterrupt`/`SystemExit` propagate, and the events not yet dispatched
 //! are kept for the next round, so nothing read is lost.
+//!
+//! **Descriptors have owners.** An accepted connection is an `OwnedFd` from `accept` to
+//! its close: carried in [`Event::Accepted`], then in the connection's slot. It is
+//! closed by dropping that owner, in one place ([`close_socket`]), under the
+//! connection's channel lock and after the channel is marked closed; a transport that
+//! duplicates the descriptor (`get_extra_info('socket')`) does so under the same lock
+//! and only while the channel is open, so it can never duplicate a number the kernel
+//! has already handed to another socket. Nothing here closes a bare number.
 
 use crate::address;
 use crate::connection::Connection;
@@ -33,7 +41,7 @@ use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,7 +69,9 @@ enum Lost {
 }
 
 enum Event {
-    Accepted(usize, RawFd, RawAddr, RawAddr),
+    /// A connection accepted and registered, not yet given a protocol: the event owns
+    /// its descriptor until the callback phase moves it into the connection's slot.
+    Accepted(usize, OwnedFd, RawAddr, RawAddr),
     Data(usize, usize, usize),
     Eof(usize),
     Lost(usize, Lost),
@@ -71,7 +81,8 @@ enum Event {
 }
 
 struct Conn {
-    fd: RawFd,
+    /// The connection's socket, owned; `None` once closed.
+    sock: Option<OwnedFd>,
     chan: Arc<Channel>,
     transport: Py<BaseTransport>,
     protocol: Option<Py<PyAny>>,
@@ -82,8 +93,19 @@ struct Conn {
     last_active: Instant,
     writable_interest: bool,
     eof_seen: bool,
-    closed: bool,
     error: Option<PyErr>,
+}
+
+impl Conn {
+    /// The descriptor, while the connection is open (only the loop, which owns it,
+    /// uses this number).
+    fn fd(&self) -> Option<RawFd> {
+        self.sock.as_ref().map(|s| s.as_raw_fd())
+    }
+
+    fn closed(&self) -> bool {
+        self.sock.is_none()
+    }
 }
 
 struct DatagramEndpoint {
@@ -132,7 +154,33 @@ fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
     conns.get_mut(token.checked_sub(FIRST_CONN)?)?.as_mut()
 }
 
+/// Marks the calling thread as running a round of one loop (in [`CURRENT_LOOP`]) for the
+/// guard's life, and restores what was there before (a round of another server's loop
+/// run from inside a callback).
+struct Running {
+    previous: usize,
+}
+
+impl Running {
+    fn enter(shared: &Arc<LoopShared>) -> Running {
+        let previous = CURRENT_LOOP.with(|c| c.replace(Arc::as_ptr(shared) as usize));
+        Running { previous }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        CURRENT_LOOP.with(|c| c.set(self.previous));
+    }
+}
+
 impl EventLoop {
+    /// True inside a round of this loop on the calling thread (a callback, or a signal
+    /// handler run while it waits).
+    fn running_here(&self) -> bool {
+        CURRENT_LOOP.with(|c| c.get()) == Arc::as_ptr(&self.shared) as usize
+    }
+
     // ---- phase 1: I/O, detached ----------------------------------------------------
 
     fn io_phase(&self, st: &mut LoopState, deadline: Option<Instant>) -> Result<bool> {
@@ -216,8 +264,8 @@ impl EventLoop {
     fn accept_all(&self, st: &mut LoopState) -> Result<()> {
         for _ in 0..ACCEPT_BUDGET {
             match syscall::accept(self.fd, true) {
-                Ok((fd, peer)) => {
-                    let fd = fd.into_raw_fd();
+                Ok((sock, peer)) => {
+                    let fd = sock.as_raw_fd();
                     let local = syscall::sock_name(fd, false).unwrap_or_else(|_| RawAddr::empty());
                     // Register now, detached; the connection's objects are made in the
                     // callback phase, in the slot reserved here.
@@ -238,12 +286,11 @@ impl EventLoop {
                     };
                     if registered.is_err() {
                         st.free.push(token);
-                        // SAFETY: the descriptor was just accepted and is ours.
-                        unsafe { libc::close(fd) };
+                        drop(sock);
                         continue;
                     }
                     st.pending
-                        .push_back(Event::Accepted(token, fd, peer, local));
+                        .push_back(Event::Accepted(token, sock, peer, local));
                 }
                 Err(Error::Os(libc::EAGAIN)) => {
                     st.listener_ready = false;
@@ -304,9 +351,9 @@ impl EventLoop {
         let Some(conn) = conn_mut(conns, token) else {
             return;
         };
-        if conn.closed || conn.eof_seen {
+        let Some(fd) = conn.fd().filter(|_| !conn.eof_seen) else {
             return;
-        }
+        };
         {
             let cs = conn.chan.state.lock().unwrap_or_else(|p| p.into_inner());
             if cs.read_paused || cs.closed || cs.aborting {
@@ -317,7 +364,7 @@ impl EventLoop {
         loop {
             let start = arena.len();
             match syscall::recv_append(
-                conn.fd,
+                fd,
                 arena,
                 READ_CHUNK,
                 libc::MSG_DONTWAIT,
@@ -379,9 +426,9 @@ impl EventLoop {
         let Some(conn) = conn_mut(conns, token) else {
             return Ok(());
         };
-        if conn.closed {
+        let Some(fd) = conn.fd() else {
             return Ok(());
-        }
+        };
         let chan = conn.chan.clone();
         let mut cs = chan.state.lock().unwrap_or_else(|p| p.into_inner());
         cs.queued = false;
@@ -401,7 +448,7 @@ impl EventLoop {
         }
         while cs.out_pos < cs.out.len() {
             let pos = cs.out_pos;
-            match syscall::send(conn.fd, &cs.out[pos..], 0, Mode::NonBlocking, None) {
+            match syscall::send(fd, &cs.out[pos..], 0, Mode::NonBlocking, None) {
                 Ok(n) => cs.out_pos += n,
                 Err(Error::Os(libc::EAGAIN)) => break,
                 Err(Error::Interrupted) => continue,
@@ -427,7 +474,7 @@ impl EventLoop {
         let left = after_flush(&mut cs, pending, token);
         if let Err(err) = watch_writable(
             poll.as_ref(),
-            conn.fd,
+            fd,
             Token(token),
             left > 0,
             &mut conn.writable_interest,
@@ -451,8 +498,8 @@ impl EventLoop {
         if left == 0 {
             if cs.eof_requested && !cs.eof_sent {
                 cs.eof_sent = true;
-                // SAFETY: the descriptor is open (the connection is not closed).
-                unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+                // SAFETY: `fd` is the connection's, open: the loop owns it.
+                unsafe { libc::shutdown(fd, libc::SHUT_WR) };
             }
             if cs.closing {
                 drop(cs);
@@ -515,7 +562,7 @@ impl EventLoop {
         } = st;
         let mut next = now + limit;
         for (i, slot) in conns.iter_mut().enumerate() {
-            let Some(conn) = slot.as_mut().filter(|c| !c.closed) else {
+            let Some(conn) = slot.as_mut().filter(|c| !c.closed()) else {
                 continue;
             };
             let expires = conn.last_active + limit;
@@ -538,9 +585,7 @@ impl EventLoop {
     // ---- phase 2: callbacks, attached ----------------------------------------------
 
     fn dispatch(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
-        CURRENT_LOOP.with(|c| c.set(Arc::as_ptr(&self.shared) as usize));
         let result = self.dispatch_all(py, st);
-        CURRENT_LOOP.with(|c| c.set(0));
         if st.pending.is_empty() {
             st.arena.clear();
         }
@@ -557,7 +602,7 @@ impl EventLoop {
                     let Some(conn) = conn_mut(&mut st.conns, token) else {
                         continue;
                     };
-                    let (Some(on_data), false) = (conn.on_data.as_ref(), conn.closed) else {
+                    let (Some(on_data), false) = (conn.on_data.as_ref(), conn.closed()) else {
                         continue;
                     };
                     {
@@ -644,10 +689,11 @@ impl EventLoop {
         py: Python<'_>,
         st: &mut LoopState,
         token: usize,
-        fd: RawFd,
+        sock: OwnedFd,
         peer: &RawAddr,
         local: &RawAddr,
     ) -> PyResult<()> {
+        let fd = sock.as_raw_fd();
         let chan = Arc::new(Channel::new(token, self.shared.clone()));
         let objects = (|| -> PyResult<(Py<PyAny>, Py<BaseTransport>)> {
             let addr = address::to_python(py, peer)?.unbind();
@@ -677,8 +723,7 @@ impl EventLoop {
                     if let Some(poll) = poll {
                         let _ = poll.registry().deregister(&mut SourceFd(&fd));
                     }
-                    // SAFETY: accepted by the loop, owned by no connection.
-                    unsafe { libc::close(fd) };
+                    drop(sock);
                 });
                 st.free.push(token);
                 return self.report(py, py.None(), py.None(), err);
@@ -686,7 +731,7 @@ impl EventLoop {
         };
         self.open.fetch_add(1, Ordering::Relaxed);
         st.conns[token - FIRST_CONN] = Some(Conn {
-            fd,
+            sock: Some(sock),
             chan,
             transport: transport.clone_ref(py),
             protocol: None,
@@ -696,7 +741,6 @@ impl EventLoop {
             last_active: Instant::now(),
             writable_interest: false,
             eof_seen: false,
-            closed: false,
             error: None,
         });
         if let Some(verify) = &self.verify {
@@ -879,37 +923,42 @@ fn watch_writable(
     Ok(())
 }
 
-/// Connections accepted but not yet handed to a protocol: only descriptors, taken out
-/// of the pending events.
-fn unclaimed_descriptors(pending: &mut VecDeque<Event>) -> Vec<RawFd> {
+/// Connections accepted but not yet handed to a protocol: only their descriptors, taken
+/// out of the pending events (with every other pending event).
+fn unclaimed_descriptors(pending: &mut VecDeque<Event>) -> Vec<OwnedFd> {
     pending
         .drain(..)
         .filter_map(|event| match event {
-            Event::Accepted(_, fd, _, _) => Some(fd),
+            Event::Accepted(_, sock, _, _) => Some(sock),
             _ => None,
         })
         .collect()
 }
 
-/// At the loop's end, close every descriptor it owns: the `unclaimed` ones and each open
-/// connection's (marked closed for its transport). No callback runs here.
-fn close_descriptors(unclaimed: Vec<RawFd>, conns: &mut [Option<Conn>], poll: Option<&Poll>) {
-    for fd in unclaimed {
-        // SAFETY: accepted by the loop, owned by no connection yet.
-        unsafe { libc::close(fd) };
+/// Deregister and close a connection's socket (detached: it makes system calls). The
+/// channel is marked closed and the owner dropped under the channel's lock, which is
+/// what makes a duplicate made under that lock safe (see the module docs). True if the
+/// connection was open.
+fn close_socket(poll: Option<&Poll>, conn: &mut Conn) -> bool {
+    let Some(sock) = conn.sock.take() else {
+        return false;
+    };
+    if let Some(poll) = poll {
+        let _ = poll.registry().deregister(&mut SourceFd(&sock.as_raw_fd()));
     }
-    for conn in conns.iter_mut().flatten().filter(|c| !c.closed) {
-        if let Some(poll) = poll {
-            let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
-        }
-        conn.closed = true;
-        conn.chan
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closed = true;
-        // SAFETY: the loop owns each open connection's descriptor.
-        unsafe { libc::close(conn.fd) };
+    let mut cs = conn.chan.state.lock().unwrap_or_else(|p| p.into_inner());
+    cs.closed = true;
+    drop(sock);
+    drop(cs);
+    true
+}
+
+/// At the loop's end, close every descriptor it owns: the `unclaimed` ones and each open
+/// connection's (marked closed for its transport). No callback runs here; detached.
+fn close_descriptors(unclaimed: Vec<OwnedFd>, conns: &mut [Option<Conn>], poll: Option<&Poll>) {
+    drop(unclaimed);
+    for conn in conns.iter_mut().flatten() {
+        close_socket(poll, conn);
     }
 }
 
@@ -922,36 +971,42 @@ fn close_conn(
     why: Lost,
     open: &AtomicUsize,
 ) {
-    if conn.closed {
-        return;
+    if close_socket(poll, conn) {
+        open.fetch_sub(1, Ordering::Relaxed);
+        pending.push_back(Event::Lost(token, why));
     }
-    conn.closed = true;
-    open.fetch_sub(1, Ordering::Relaxed);
-    conn.chan
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .closed = true;
-    if let Some(poll) = poll {
-        let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
-    }
-    // SAFETY: the loop owns the descriptor; it is closed exactly once, here.
-    unsafe { libc::close(conn.fd) };
-    pending.push_back(Event::Lost(token, why));
 }
 
 impl Drop for EventLoop {
     /// A loop dropped without `close()` (its server collected without `server_close()`)
-    /// still closes the descriptors it owns; no callback runs.
+    /// still closes the descriptors it owns (connections, the poller, the waker); no
+    /// callback runs.
+    ///
+    /// Drop runs in the object's deallocation, with the GIL held. The owners are moved
+    /// out first and closed with the GIL released (`Python::attach` only gets the token
+    /// of the attachment the thread already has; `detach` then releases it, as
+    /// CPython's own socket finalizer does around `close`). The Python objects of the
+    /// connections stay behind and are dropped attached, afterwards. Taking the waker's
+    /// lock while attached cannot wait on a thread that needs the GIL: its only other
+    /// holders (`wake`, `close`) hold it for a non-blocking system call at most.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let unclaimed = unclaimed_descriptors(&mut st.pending);
-        close_descriptors(unclaimed, &mut st.conns, None);
-        self.shared
+        let poll = st.poll.take();
+        let waker = self
+            .shared
             .waker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let conns = &mut st.conns;
+        Python::attach(|py| {
+            py.detach(|| {
+                close_descriptors(unclaimed, conns, poll.as_ref());
+                drop(poll);
+                drop(waker);
+            })
+        });
     }
 }
 
@@ -1033,6 +1088,7 @@ impl EventLoop {
         if st.poll.is_none() {
             return Err(PyValueError::new_err("the server is closed"));
         }
+        let running = Running::enter(&self.shared);
         let result = (|| {
             self.start(py, st)?;
             if !st.pending.is_empty() {
@@ -1043,6 +1099,7 @@ impl EventLoop {
             self.dispatch(py, st)?;
             Ok(active)
         })();
+        drop(running);
         drop(guard);
         if self.closing.load(Ordering::Acquire) {
             // close() was called during this round (by a callback, a signal handler or
@@ -1083,23 +1140,49 @@ impl EventLoop {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => {
-                let _ = self.shared.wake();
-                return Ok(());
+                let _ = py.detach(|| self.shared.wake());
+                if self.running_here() {
+                    // A callback (or signal handler) of this loop's own round: the
+                    // round finishes the close when it ends.
+                    return Ok(());
+                }
+                // Another thread's round, just woken: wait for it to end (detached,
+                // so it can take the GIL to finish its callbacks). The caller may
+                // then close the listening socket: no round is using it any more.
+                lock(py, &self.state)
             }
         };
         let st = &mut *guard;
+        if st.poll.is_none() {
+            return Ok(()); // closed already (by the round that just ended)
+        }
         let poll = st.poll.take();
         let mut conns = std::mem::take(&mut st.conns);
         let datagram = st.datagram.take();
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         drop(guard);
+        // Transports may outlive the loop; its eventfd must not.
+        let waker = self
+            .shared
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         py.detach(|| {
             close_descriptors(unclaimed, &mut conns, poll.as_ref());
             if let Some(poll) = poll.as_ref() {
                 let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
             }
+            if let Some(ep) = datagram.as_ref() {
+                ep.chan
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .closed = true;
+            }
+            drop(poll);
+            drop(waker);
         });
-        drop(poll);
         self.open.store(0, Ordering::Relaxed);
         let mut first_err = None;
         let mut lost = |protocol: &Py<PyAny>| {
@@ -1118,20 +1201,9 @@ impl EventLoop {
             conn.transport.get().core.release(py);
         }
         if let Some(ep) = datagram {
-            ep.chan
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .closed = true;
             lost(&ep.protocol);
             ep.transport.get().core.release(py);
         }
-        // Transports may outlive the loop; its eventfd must not.
-        self.shared
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
         match first_err {
             Some(err) => Err(err),
             None => Ok(()),

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 pub const DEFAULT_HIGH_WATER: usize = 64 * 1024;
 
 thread_local! {
-    /// The loop whose callbacks this thread is running (address of its `LoopShared`).
+    /// The loop whose round this thread is running (address of its `LoopShared`), 0 if none.
     pub static CURRENT_LOOP: Cell<usize> = const { Cell::new(0) };
 }
 

@@ -1,0 +1,160 @@
+"""The event-driven path under the scenarios of issue 12 (trust).
+
+Each test runs the same protocol on asyncio (the reference) and on fastsocketserver
+where asyncio has a counterpart, with the helpers of ``test_protocol`` (the backends,
+the recording protocols, bounded waits). The scenarios:
+
+* descriptors are owned: no leak after close races (``server_close()`` while clients
+  connect and send, a server collected without ``server_close()``);
+* ``get_extra_info('socket')`` is a pseudo-socket that refuses I/O and never brings a
+  closed descriptor number back;
+* running the loop from inside one of its own callbacks raises ``RuntimeError``;
+* datagrams of any size the socket allows are delivered whole;
+* ``DatagramTransport.close()``/``abort()`` end the endpoint as in asyncio;
+* ``pause_reading()`` holds every ``data_received``/``eof_received`` until
+  ``resume_reading()``;
+* ``pause_writing()`` is called as often as asyncio calls it for the same writer;
+* ``asyncio.BufferedProtocol`` is served;
+* ``serve_forever()`` racing ``shutdown()`` + ``server_close()`` and garbage collection
+  never hangs.
+
+Rules as in ``test_protocol``: loopback only, port 0 or a temp-dir Unix path, every
+socket with a timeout, every loop bounded, every server stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.trsock
+import gc
+import socket
+import threading
+import time
+
+import pytest
+
+import test_protocol as tp
+from test_protocol import (
+    CLIENT_TIMEOUT,
+    Echo,
+    backend,  # noqa: F401 -- the fixture
+    make_dgram_protocol,
+    make_protocol,
+    recv_exactly,
+    recv_until_eof,
+    running,
+    settled_fd_count,
+    wait_conns,
+    wait_lost,
+    wait_until,
+)
+
+ROUND_TIMEOUT = 5.0
+
+
+def fss():
+    return tp.fast_module()
+
+
+def send_in_background(c, payload):
+    """sendall + SHUT_WR in a thread: a paused server may not read it all before the
+    test resumes it."""
+    def run():
+        try:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def call_soon(r, fn):
+    """Run ``fn`` on the runner's loop thread (asyncio transports are not
+    thread-safe) or, for fastsocketserver (whose transports are), right here."""
+    if r.backend == "asyncio":
+        done = threading.Event()
+        box = {}
+
+        def run():
+            try:
+                box["result"] = fn()
+            finally:
+                done.set()
+
+        r.loop.call_soon_threadsafe(run)
+        assert done.wait(ROUND_TIMEOUT), "the asyncio loop did not run the call"
+        return box.get("result")
+    return fn()
+
+
+# ---------------------------------------------------------------------------
+# 1. descriptors have owners: no leak after close races
+# ---------------------------------------------------------------------------
+
+def _hammer(address, stop, sent):
+    """Connect, send, maybe read, close, until ``stop`` (each step bounded)."""
+    deadline = time.monotonic() + 10
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(address, timeout=0.5) as c:
+                c.sendall(b"ping")
+                sent.append(1)
+                try:
+                    c.recv(16)
+                except OSError:
+                    pass
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("how", ["shutdown_then_close", "close_while_serving", "collect_unclosed"])
+def test_fd_count_back_to_start_after_close_races(how):
+    mod = fss()
+    P = make_protocol(Echo)
+    gc.collect()
+    before = settled_fd_count()
+    for i in range(12):
+        server = mod.TCPServer(("127.0.0.1", 0), P)
+        stop = threading.Event()
+        sent = []
+        serve_exc = []
+
+        def serve(server=server):
+            try:
+                server.serve_forever(0.05)
+            except BaseException as exc:  # reported below
+                serve_exc.append(exc)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        clients = [threading.Thread(target=_hammer, args=(server.server_address, stop, sent),
+                                    daemon=True) for _ in range(3)]
+        for c in clients:
+            c.start()
+        try:
+            assert wait_until(lambda: len(sent) >= 3 + i, ROUND_TIMEOUT)
+            if how == "shutdown_then_close":
+                server.shutdown()
+                server.server_close()
+            elif how == "close_while_serving":
+                server.server_close()
+                ok, _, exc = tp.call_with_timeout(server.shutdown, ROUND_TIMEOUT)
+                assert ok and exc is None, "shutdown() after server_close() hung or failed"
+            else:
+                server.shutdown()
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(ROUND_TIMEOUT)
+            t.join(ROUND_TIMEOUT)
+        assert not t.is_alive()
+        assert not serve_exc, f"serve_forever() raised {serve_exc[0]!r}"
+        del server, t, serve
+        gc.collect()
+    assert wait_until(lambda: settled_fd_count() <= before, ROUND_TIMEOUT), \
+        f"{settled_fd_count() - before} descriptor(s) leaked"
+
+
