@@ -26,7 +26,6 @@
 //! has already handed to another socket. Nothing here closes a bare number.
 
 use crate::address;
-use crate::connection::Connection;
 use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::native::NativeEcho;
 use crate::syscall::{self, Mode, RawAddr};
@@ -1220,18 +1219,4 @@ impl EventLoop {
     fn fd(&self) -> RawFd {
         self.fd
     }
-}
-
-/// A genuine socket object on a duplicate of a transport's descriptor, for
-/// `get_extra_info('socket')`.
-pub fn socket_for(
-    py: Python<'_>,
-    fd: RawFd,
-    family: i32,
-    kind: i32,
-    proto: i32,
-) -> PyResult<Py<PyAny>> {
-    // SAFETY: duplicating a descriptor the loop keeps open while the transport lives.
-    let dup = syscall::check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
-    Ok(Py::new(py, Connection::new(dup, family, kind, proto))?.into_any())
 }

@@ -158,3 +158,108 @@ def test_fd_count_back_to_start_after_close_races(how):
         f"{settled_fd_count() - before} descriptor(s) leaked"
 
 
+# ---------------------------------------------------------------------------
+# 2. get_extra_info('socket')
+# ---------------------------------------------------------------------------
+
+class SocketProbe:
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        c = self.rec.checks
+        c["type"] = type(sock).__module__ + "." + type(sock).__qualname__
+        c["same"] = transport.get_extra_info("socket") is sock
+        c["peer"] = sock.getpeername() == transport.get_extra_info("peername")
+        c["family"] = int(sock.family)
+        c["nodelay_set"] = sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c["nodelay"] = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        for name in ("recv", "send", "close", "detach"):
+            c[name] = hasattr(sock, name)
+        try:
+            sock.settimeout(1.0)
+        except ValueError:
+            c["settimeout"] = "ValueError"
+        self.sock = sock
+        transport.write(b"ok")
+        transport.close()
+
+
+def test_extra_info_socket_is_a_pseudo_socket(backend):
+    P = make_protocol(SocketProbe)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            assert recv_until_eof(c) == b"ok"
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert rec.checks == {
+        "type": "asyncio.trsock.TransportSocket",
+        "same": True,
+        "peer": True,
+        "family": int(socket.AF_INET),
+        "nodelay_set": None,
+        "nodelay": True,
+        "recv": False,
+        "send": False,
+        "close": False,
+        "detach": False,
+        "settimeout": "ValueError",
+    }
+    # after the connection's end the pseudo-socket is closed: it holds no number that
+    # the kernel may have given to another socket since
+    assert rec.proto.sock.fileno() == -1
+
+
+class LateSocket:
+    """Asks for the socket only in connection_lost (the connection's descriptor is
+    closed by then on fastsocketserver) and from another thread after the end."""
+
+    def connection_lost(self, exc):
+        sock = self.transport.get_extra_info("socket")
+        self.rec.checks["late"] = sock is None or sock.fileno() == -1 or \
+            sock.getpeername() == self.transport.get_extra_info("peername")
+        super().connection_lost(exc)
+
+
+def test_extra_info_socket_never_resurrects_a_closed_descriptor():
+    """Connections come and go while other threads keep asking closed and closing
+    transports for their socket: every socket they get is either closed or the
+    connection's own (same peer), never another connection that reused the number."""
+    mod = fss()
+    P = make_protocol(LateSocket, Echo)
+    wrong = []
+    stop = threading.Event()
+
+    def probe():
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            for rec in P.log.snapshot()[-20:]:
+                t = rec.transport
+                if t is None:
+                    continue
+                sock = t.get_extra_info("socket")
+                if sock is None:
+                    continue
+                try:
+                    if sock.fileno() != -1 and sock.getpeername() != t.get_extra_info("peername"):
+                        wrong.append((sock.getpeername(), t.get_extra_info("peername")))
+                except OSError:
+                    pass
+
+    with running("fast", P) as r:
+        threads = [threading.Thread(target=probe, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(150):
+                with r.connect() as c:
+                    c.sendall(b"x")
+                    assert recv_exactly(c, 1) == b"x"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(ROUND_TIMEOUT)
+        wait_lost(P.log, 150)
+    assert not wrong, wrong[:3]
+    assert all(rec.checks["late"] for rec in P.log.snapshot())
+
+
