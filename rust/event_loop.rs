@@ -36,7 +36,7 @@ use crate::transport::{
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use pyo3::exceptions::{PyTimeoutError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
@@ -55,6 +55,8 @@ const READ_BUDGET: usize = 256 * 1024;
 /// Connections accepted (datagrams received) per round before callbacks run.
 const ACCEPT_BUDGET: usize = 256;
 const DATAGRAM_BUDGET: usize = 1024;
+/// What running the loop from inside its own callback raises (asyncio's words).
+const ALREADY_RUNNING: &str = "This event loop is already running";
 /// How long to wait before retrying `accept` after running out of descriptors.
 const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -1081,6 +1083,12 @@ impl EventLoop {
     /// events, run the callbacks. True if anything happened, False on timeout or wake.
     #[pyo3(signature = (timeout = None))]
     fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if self.running_here() {
+            // A callback of this loop runs the loop again (handle_request() or
+            // serve_forever() from data_received, say): the round holds the loop, so
+            // waiting for it would never end. asyncio refuses the same way.
+            return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
+        }
         let deadline = syscall::deadline_after(timeout);
         let mut guard = lock(py, &self.state);
         let st = &mut *guard;
@@ -1207,6 +1215,13 @@ impl EventLoop {
             Some(err) => Err(err),
             None => Ok(()),
         }
+    }
+
+    /// True when called from inside one of this loop's rounds (a callback) on the
+    /// calling thread, where running the loop again raises `RuntimeError`.
+    #[getter]
+    fn running(&self) -> bool {
+        self.running_here()
     }
 
     /// Open connections.

@@ -263,3 +263,44 @@ def test_extra_info_socket_never_resurrects_a_closed_descriptor():
     assert all(rec.checks["late"] for rec in P.log.snapshot())
 
 
+# ---------------------------------------------------------------------------
+# 3. re-entrance
+# ---------------------------------------------------------------------------
+
+class Reenter:
+    """Runs the loop again from data_received (``reenter`` is set per backend)."""
+
+    reenter = None
+
+    def data_received(self, data):
+        super().data_received(data)
+        try:
+            type(self).reenter()
+        except BaseException as exc:
+            self.rec.checks["exc"] = type(exc).__name__
+        else:
+            self.rec.checks["exc"] = None
+        self.transport.write(data)
+
+
+@pytest.mark.parametrize("call", ["handle_request", "serve_forever"])
+def test_running_the_loop_from_a_callback_raises_runtime_error(backend, call):
+    P = make_protocol(Reenter, name="Reenter")
+    r = tp.make_runner(backend, P, "tcp", backlog=tp.BACKLOG)
+    r.start()
+    try:
+        if backend == "asyncio":
+            P.reenter = staticmethod(r.loop.run_forever)
+        else:
+            P.reenter = staticmethod(getattr(r.server, call))
+        for i in range(2):
+            with r.connect() as c:
+                c.sendall(b"hi")
+                assert recv_exactly(c, 2) == b"hi", "the serving thread is stuck"
+        wait_lost(P.log, 2)
+    finally:
+        ok, _, _ = tp.call_with_timeout(r.stop, ROUND_TIMEOUT * 2)
+    assert ok, "the server did not stop"
+    assert [rec.checks["exc"] for rec in P.log.snapshot()] == ["RuntimeError"] * 2
+
+
