@@ -55,6 +55,9 @@ const READ_BUDGET: usize = 256 * 1024;
 /// Connections accepted (datagrams received) per round before callbacks run.
 const ACCEPT_BUDGET: usize = 256;
 const DATAGRAM_BUDGET: usize = 1024;
+/// The largest datagram an IPv4 or IPv6 socket receives (a UDP payload is at most
+/// 65,507 or 65,527 bytes; IPv6 jumbograms would be cut, and reported as `EMSGSIZE`).
+const INET_DATAGRAM_MAX: usize = 64 * 1024;
 /// What running the loop from inside its own callback raises (asyncio's words).
 const ALREADY_RUNNING: &str = "This event loop is already running";
 /// How long to wait before retrying `accept` after running out of descriptors.
@@ -309,13 +312,27 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Receive the queued datagrams (up to the round's budget) into the arena, each
+    /// whole: a buffer as large as the datagram, never a silent cut (a datagram that
+    /// still came cut, `MSG_TRUNC`, is reported to `error_received` as `EMSGSIZE`).
     fn receive_datagrams(&self, st: &mut LoopState) {
+        let inet = self.family == libc::AF_INET || self.family == libc::AF_INET6;
         for _ in 0..DATAGRAM_BUDGET {
             let start = st.arena.len();
-            let got =
-                syscall::recvfrom_append(self.fd, &mut st.arena, READ_CHUNK, libc::MSG_DONTWAIT);
+            // An IP datagram fits in 64 KiB; a Unix one can be as large as its sender's
+            // buffer allows, so its size is asked first.
+            let got = if inet {
+                Ok(INET_DATAGRAM_MAX)
+            } else {
+                next_datagram_size(self.fd)
+            }
+            .and_then(|size| recv_datagram(self.fd, &mut st.arena, size.max(1)));
             match got {
-                Ok((n, addr)) => st.pending.push_back(Event::Datagram(start, n, addr)),
+                Ok((n, addr, false)) => st.pending.push_back(Event::Datagram(start, n, addr)),
+                Ok((_, _, true)) => {
+                    st.arena.truncate(start);
+                    st.pending.push_back(Event::DatagramError(libc::EMSGSIZE));
+                }
                 Err(err) => {
                     st.arena.truncate(start);
                     match err {
@@ -886,6 +903,55 @@ impl EventLoop {
             catch_panic(|| protocol.call_method1(py, "connection_made", (transport,))).map(drop);
         self.after_callback(py, st, LISTENER.0, result)
     }
+}
+
+/// The length of the datagram at the head of `fd`'s queue, without receiving it:
+/// `MSG_PEEK | MSG_TRUNC` into an empty buffer (Linux then returns the datagram's real
+/// length). `EAGAIN` when none is queued.
+fn next_datagram_size(fd: RawFd) -> Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: a valid one-byte buffer, offered with length 0: the kernel writes nothing.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            0,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(Error::last_os());
+    }
+    Ok(n as usize)
+}
+
+/// Receive one datagram into `buf` (appended, at most `max` bytes) with its source
+/// address; the flag says the kernel cut it to `max` (`MSG_TRUNC` in the message flags).
+fn recv_datagram(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Result<(usize, RawAddr, bool)> {
+    buf.reserve(max);
+    let len = buf.len();
+    let mut addr = RawAddr::empty();
+    let mut iov = libc::iovec {
+        // SAFETY: `reserve` made room for `max` bytes past `len`.
+        iov_base: unsafe { buf.as_mut_ptr().add(len) }.cast(),
+        iov_len: max,
+    };
+    // SAFETY: all-zero is a valid msghdr (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = addr.as_mut_ptr().cast();
+    msg.msg_namelen = addr.len;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: msg points at the address storage and the one iovec above, all alive for
+    // the call; without MSG_TRUNC in the call's flags the kernel writes at most `max`.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(Error::last_os());
+    }
+    addr.len = msg.msg_namelen;
+    // SAFETY: the kernel wrote n <= max bytes at `len`.
+    unsafe { buf.set_len(len + n as usize) };
+    Ok((n as usize, addr, msg.msg_flags & libc::MSG_TRUNC != 0))
 }
 
 /// After sending: the bytes still queued; queues `resume_writing` if the protocol was

@@ -304,3 +304,24 @@ def test_running_the_loop_from_a_callback_raises_runtime_error(backend, call):
     assert [rec.checks["exc"] for rec in P.log.snapshot()] == ["RuntimeError"] * 2
 
 
+# ---------------------------------------------------------------------------
+# 4. datagrams of any size the socket allows
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,size", [("unix_dgram", 70_000), ("unix_dgram", 100_000),
+                                       ("unix_dgram", 200_000), ("udp", 65_507)])
+def test_large_datagrams_are_delivered_whole(backend, kind, size):
+    P = make_dgram_protocol()
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    with running(backend, P, kind) as r:
+        wait_conns(P.log, 1)
+        with r.dgram_client() as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            c.sendto(payload, r.address)
+            c.sendto(b"after", r.address)
+            assert wait_until(lambda: len(tp.only_conn(P.log).datagrams) >= 2)
+    got = [d for d, _ in tp.only_conn(P.log).datagrams]
+    assert [len(d) for d in got] == [size, 5]
+    assert got == [payload, b"after"]
+
+
