@@ -16,9 +16,16 @@
 //! goes to the server's `handle_error` and aborts only that connection (as asyncio
 //! does); `KeyboardInterrupt`/`SystemExit` propagate, and the events not yet dispatched
 //! are kept for the next round, so nothing read is lost.
+//!
+//! **Descriptors have owners.** An accepted connection is an `OwnedFd` from `accept` to
+//! its close: carried in [`Event::Accepted`], then in the connection's slot. It is
+//! closed by dropping that owner, in one place ([`close_socket`]), under the
+//! connection's channel lock and after the channel is marked closed; a transport that
+//! duplicates the descriptor (`get_extra_info('socket')`) does so under the same lock
+//! and only while the channel is open, so it can never duplicate a number the kernel
+//! has already handed to another socket. Nothing here closes a bare number.
 
 use crate::address;
-use crate::connection::Connection;
 use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::native::NativeEcho;
 use crate::syscall::{self, Mode, RawAddr};
@@ -29,11 +36,11 @@ use crate::transport::{
 use crate::wait::{blocking, lock};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use pyo3::exceptions::{PyTimeoutError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,6 +55,11 @@ const READ_BUDGET: usize = 256 * 1024;
 /// Connections accepted (datagrams received) per round before callbacks run.
 const ACCEPT_BUDGET: usize = 256;
 const DATAGRAM_BUDGET: usize = 1024;
+/// The largest datagram an IPv4 or IPv6 socket receives (a UDP payload is at most
+/// 65,507 or 65,527 bytes; IPv6 jumbograms would be cut, and reported as `EMSGSIZE`).
+const INET_DATAGRAM_MAX: usize = 64 * 1024;
+/// What running the loop from inside its own callback raises (asyncio's words).
+const ALREADY_RUNNING: &str = "This event loop is already running";
 /// How long to wait before retrying `accept` after running out of descriptors.
 const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -61,7 +73,9 @@ enum Lost {
 }
 
 enum Event {
-    Accepted(usize, RawFd, RawAddr, RawAddr),
+    /// A connection accepted and registered, not yet given a protocol: the event owns
+    /// its descriptor until the callback phase moves it into the connection's slot.
+    Accepted(usize, OwnedFd, RawAddr, RawAddr),
     Data(usize, usize, usize),
     Eof(usize),
     Lost(usize, Lost),
@@ -71,7 +85,8 @@ enum Event {
 }
 
 struct Conn {
-    fd: RawFd,
+    /// The connection's socket, owned; `None` once closed.
+    sock: Option<OwnedFd>,
     chan: Arc<Channel>,
     transport: Py<BaseTransport>,
     protocol: Option<Py<PyAny>>,
@@ -82,8 +97,19 @@ struct Conn {
     last_active: Instant,
     writable_interest: bool,
     eof_seen: bool,
-    closed: bool,
     error: Option<PyErr>,
+}
+
+impl Conn {
+    /// The descriptor, while the connection is open (only the loop, which owns it,
+    /// uses this number).
+    fn fd(&self) -> Option<RawFd> {
+        self.sock.as_ref().map(|s| s.as_raw_fd())
+    }
+
+    fn closed(&self) -> bool {
+        self.sock.is_none()
+    }
 }
 
 struct DatagramEndpoint {
@@ -132,7 +158,33 @@ fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
     conns.get_mut(token.checked_sub(FIRST_CONN)?)?.as_mut()
 }
 
+/// Marks the calling thread as running a round of one loop (in [`CURRENT_LOOP`]) for the
+/// guard's life, and restores what was there before (a round of another server's loop
+/// run from inside a callback).
+struct Running {
+    previous: usize,
+}
+
+impl Running {
+    fn enter(shared: &Arc<LoopShared>) -> Running {
+        let previous = CURRENT_LOOP.with(|c| c.replace(Arc::as_ptr(shared) as usize));
+        Running { previous }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        CURRENT_LOOP.with(|c| c.set(self.previous));
+    }
+}
+
 impl EventLoop {
+    /// True inside a round of this loop on the calling thread (a callback, or a signal
+    /// handler run while it waits).
+    fn running_here(&self) -> bool {
+        CURRENT_LOOP.with(|c| c.get()) == Arc::as_ptr(&self.shared) as usize
+    }
+
     // ---- phase 1: I/O, detached ----------------------------------------------------
 
     fn io_phase(&self, st: &mut LoopState, deadline: Option<Instant>) -> Result<bool> {
@@ -216,8 +268,8 @@ impl EventLoop {
     fn accept_all(&self, st: &mut LoopState) -> Result<()> {
         for _ in 0..ACCEPT_BUDGET {
             match syscall::accept(self.fd, true) {
-                Ok((fd, peer)) => {
-                    let fd = fd.into_raw_fd();
+                Ok((sock, peer)) => {
+                    let fd = sock.as_raw_fd();
                     let local = syscall::sock_name(fd, false).unwrap_or_else(|_| RawAddr::empty());
                     // Register now, detached; the connection's objects are made in the
                     // callback phase, in the slot reserved here.
@@ -238,12 +290,11 @@ impl EventLoop {
                     };
                     if registered.is_err() {
                         st.free.push(token);
-                        // SAFETY: the descriptor was just accepted and is ours.
-                        unsafe { libc::close(fd) };
+                        drop(sock);
                         continue;
                     }
                     st.pending
-                        .push_back(Event::Accepted(token, fd, peer, local));
+                        .push_back(Event::Accepted(token, sock, peer, local));
                 }
                 Err(Error::Os(libc::EAGAIN)) => {
                     st.listener_ready = false;
@@ -261,13 +312,27 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Receive the queued datagrams (up to the round's budget) into the arena, each
+    /// whole: a buffer as large as the datagram, never a silent cut (a datagram that
+    /// still came cut, `MSG_TRUNC`, is reported to `error_received` as `EMSGSIZE`).
     fn receive_datagrams(&self, st: &mut LoopState) {
+        let inet = self.family == libc::AF_INET || self.family == libc::AF_INET6;
         for _ in 0..DATAGRAM_BUDGET {
             let start = st.arena.len();
-            let got =
-                syscall::recvfrom_append(self.fd, &mut st.arena, READ_CHUNK, libc::MSG_DONTWAIT);
+            // An IP datagram fits in 64 KiB; a Unix one can be as large as its sender's
+            // buffer allows, so its size is asked first.
+            let got = if inet {
+                Ok(INET_DATAGRAM_MAX)
+            } else {
+                next_datagram_size(self.fd)
+            }
+            .and_then(|size| recv_datagram(self.fd, &mut st.arena, size.max(1)));
             match got {
-                Ok((n, addr)) => st.pending.push_back(Event::Datagram(start, n, addr)),
+                Ok((n, addr, false)) => st.pending.push_back(Event::Datagram(start, n, addr)),
+                Ok((_, _, true)) => {
+                    st.arena.truncate(start);
+                    st.pending.push_back(Event::DatagramError(libc::EMSGSIZE));
+                }
                 Err(err) => {
                     st.arena.truncate(start);
                     match err {
@@ -304,9 +369,9 @@ impl EventLoop {
         let Some(conn) = conn_mut(conns, token) else {
             return;
         };
-        if conn.closed || conn.eof_seen {
+        let Some(fd) = conn.fd().filter(|_| !conn.eof_seen) else {
             return;
-        }
+        };
         {
             let cs = conn.chan.state.lock().unwrap_or_else(|p| p.into_inner());
             if cs.read_paused || cs.closed || cs.aborting {
@@ -317,7 +382,7 @@ impl EventLoop {
         loop {
             let start = arena.len();
             match syscall::recv_append(
-                conn.fd,
+                fd,
                 arena,
                 READ_CHUNK,
                 libc::MSG_DONTWAIT,
@@ -379,9 +444,9 @@ impl EventLoop {
         let Some(conn) = conn_mut(conns, token) else {
             return Ok(());
         };
-        if conn.closed {
+        let Some(fd) = conn.fd() else {
             return Ok(());
-        }
+        };
         let chan = conn.chan.clone();
         let mut cs = chan.state.lock().unwrap_or_else(|p| p.into_inner());
         cs.queued = false;
@@ -401,7 +466,7 @@ impl EventLoop {
         }
         while cs.out_pos < cs.out.len() {
             let pos = cs.out_pos;
-            match syscall::send(conn.fd, &cs.out[pos..], 0, Mode::NonBlocking, None) {
+            match syscall::send(fd, &cs.out[pos..], 0, Mode::NonBlocking, None) {
                 Ok(n) => cs.out_pos += n,
                 Err(Error::Os(libc::EAGAIN)) => break,
                 Err(Error::Interrupted) => continue,
@@ -427,7 +492,7 @@ impl EventLoop {
         let left = after_flush(&mut cs, pending, token);
         if let Err(err) = watch_writable(
             poll.as_ref(),
-            conn.fd,
+            fd,
             Token(token),
             left > 0,
             &mut conn.writable_interest,
@@ -451,8 +516,8 @@ impl EventLoop {
         if left == 0 {
             if cs.eof_requested && !cs.eof_sent {
                 cs.eof_sent = true;
-                // SAFETY: the descriptor is open (the connection is not closed).
-                unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+                // SAFETY: `fd` is the connection's, open: the loop owns it.
+                unsafe { libc::shutdown(fd, libc::SHUT_WR) };
             }
             if cs.closing {
                 drop(cs);
@@ -515,7 +580,7 @@ impl EventLoop {
         } = st;
         let mut next = now + limit;
         for (i, slot) in conns.iter_mut().enumerate() {
-            let Some(conn) = slot.as_mut().filter(|c| !c.closed) else {
+            let Some(conn) = slot.as_mut().filter(|c| !c.closed()) else {
                 continue;
             };
             let expires = conn.last_active + limit;
@@ -538,9 +603,7 @@ impl EventLoop {
     // ---- phase 2: callbacks, attached ----------------------------------------------
 
     fn dispatch(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
-        CURRENT_LOOP.with(|c| c.set(Arc::as_ptr(&self.shared) as usize));
         let result = self.dispatch_all(py, st);
-        CURRENT_LOOP.with(|c| c.set(0));
         if st.pending.is_empty() {
             st.arena.clear();
         }
@@ -557,7 +620,7 @@ impl EventLoop {
                     let Some(conn) = conn_mut(&mut st.conns, token) else {
                         continue;
                     };
-                    let (Some(on_data), false) = (conn.on_data.as_ref(), conn.closed) else {
+                    let (Some(on_data), false) = (conn.on_data.as_ref(), conn.closed()) else {
                         continue;
                     };
                     {
@@ -644,10 +707,11 @@ impl EventLoop {
         py: Python<'_>,
         st: &mut LoopState,
         token: usize,
-        fd: RawFd,
+        sock: OwnedFd,
         peer: &RawAddr,
         local: &RawAddr,
     ) -> PyResult<()> {
+        let fd = sock.as_raw_fd();
         let chan = Arc::new(Channel::new(token, self.shared.clone()));
         let objects = (|| -> PyResult<(Py<PyAny>, Py<BaseTransport>)> {
             let addr = address::to_python(py, peer)?.unbind();
@@ -677,8 +741,7 @@ impl EventLoop {
                     if let Some(poll) = poll {
                         let _ = poll.registry().deregister(&mut SourceFd(&fd));
                     }
-                    // SAFETY: accepted by the loop, owned by no connection.
-                    unsafe { libc::close(fd) };
+                    drop(sock);
                 });
                 st.free.push(token);
                 return self.report(py, py.None(), py.None(), err);
@@ -686,7 +749,7 @@ impl EventLoop {
         };
         self.open.fetch_add(1, Ordering::Relaxed);
         st.conns[token - FIRST_CONN] = Some(Conn {
-            fd,
+            sock: Some(sock),
             chan,
             transport: transport.clone_ref(py),
             protocol: None,
@@ -696,7 +759,6 @@ impl EventLoop {
             last_active: Instant::now(),
             writable_interest: false,
             eof_seen: false,
-            closed: false,
             error: None,
         });
         if let Some(verify) = &self.verify {
@@ -843,6 +905,55 @@ impl EventLoop {
     }
 }
 
+/// The length of the datagram at the head of `fd`'s queue, without receiving it:
+/// `MSG_PEEK | MSG_TRUNC` into an empty buffer (Linux then returns the datagram's real
+/// length). `EAGAIN` when none is queued.
+fn next_datagram_size(fd: RawFd) -> Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: a valid one-byte buffer, offered with length 0: the kernel writes nothing.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            0,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(Error::last_os());
+    }
+    Ok(n as usize)
+}
+
+/// Receive one datagram into `buf` (appended, at most `max` bytes) with its source
+/// address; the flag says the kernel cut it to `max` (`MSG_TRUNC` in the message flags).
+fn recv_datagram(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Result<(usize, RawAddr, bool)> {
+    buf.reserve(max);
+    let len = buf.len();
+    let mut addr = RawAddr::empty();
+    let mut iov = libc::iovec {
+        // SAFETY: `reserve` made room for `max` bytes past `len`.
+        iov_base: unsafe { buf.as_mut_ptr().add(len) }.cast(),
+        iov_len: max,
+    };
+    // SAFETY: all-zero is a valid msghdr (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = addr.as_mut_ptr().cast();
+    msg.msg_namelen = addr.len;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: msg points at the address storage and the one iovec above, all alive for
+    // the call; without MSG_TRUNC in the call's flags the kernel writes at most `max`.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(Error::last_os());
+    }
+    addr.len = msg.msg_namelen;
+    // SAFETY: the kernel wrote n <= max bytes at `len`.
+    unsafe { buf.set_len(len + n as usize) };
+    Ok((n as usize, addr, msg.msg_flags & libc::MSG_TRUNC != 0))
+}
+
 /// After sending: the bytes still queued; queues `resume_writing` if the protocol was
 /// paused and the queue is down to the low-water mark.
 fn after_flush(cs: &mut ChanState, pending: &mut VecDeque<Event>, token: usize) -> usize {
@@ -879,37 +990,42 @@ fn watch_writable(
     Ok(())
 }
 
-/// Connections accepted but not yet handed to a protocol: only descriptors, taken out
-/// of the pending events.
-fn unclaimed_descriptors(pending: &mut VecDeque<Event>) -> Vec<RawFd> {
+/// Connections accepted but not yet handed to a protocol: only their descriptors, taken
+/// out of the pending events (with every other pending event).
+fn unclaimed_descriptors(pending: &mut VecDeque<Event>) -> Vec<OwnedFd> {
     pending
         .drain(..)
         .filter_map(|event| match event {
-            Event::Accepted(_, fd, _, _) => Some(fd),
+            Event::Accepted(_, sock, _, _) => Some(sock),
             _ => None,
         })
         .collect()
 }
 
-/// At the loop's end, close every descriptor it owns: the `unclaimed` ones and each open
-/// connection's (marked closed for its transport). No callback runs here.
-fn close_descriptors(unclaimed: Vec<RawFd>, conns: &mut [Option<Conn>], poll: Option<&Poll>) {
-    for fd in unclaimed {
-        // SAFETY: accepted by the loop, owned by no connection yet.
-        unsafe { libc::close(fd) };
+/// Deregister and close a connection's socket (detached: it makes system calls). The
+/// channel is marked closed and the owner dropped under the channel's lock, which is
+/// what makes a duplicate made under that lock safe (see the module docs). True if the
+/// connection was open.
+fn close_socket(poll: Option<&Poll>, conn: &mut Conn) -> bool {
+    let Some(sock) = conn.sock.take() else {
+        return false;
+    };
+    if let Some(poll) = poll {
+        let _ = poll.registry().deregister(&mut SourceFd(&sock.as_raw_fd()));
     }
-    for conn in conns.iter_mut().flatten().filter(|c| !c.closed) {
-        if let Some(poll) = poll {
-            let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
-        }
-        conn.closed = true;
-        conn.chan
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closed = true;
-        // SAFETY: the loop owns each open connection's descriptor.
-        unsafe { libc::close(conn.fd) };
+    let mut cs = conn.chan.state.lock().unwrap_or_else(|p| p.into_inner());
+    cs.closed = true;
+    drop(sock);
+    drop(cs);
+    true
+}
+
+/// At the loop's end, close every descriptor it owns: the `unclaimed` ones and each open
+/// connection's (marked closed for its transport). No callback runs here; detached.
+fn close_descriptors(unclaimed: Vec<OwnedFd>, conns: &mut [Option<Conn>], poll: Option<&Poll>) {
+    drop(unclaimed);
+    for conn in conns.iter_mut().flatten() {
+        close_socket(poll, conn);
     }
 }
 
@@ -922,36 +1038,42 @@ fn close_conn(
     why: Lost,
     open: &AtomicUsize,
 ) {
-    if conn.closed {
-        return;
+    if close_socket(poll, conn) {
+        open.fetch_sub(1, Ordering::Relaxed);
+        pending.push_back(Event::Lost(token, why));
     }
-    conn.closed = true;
-    open.fetch_sub(1, Ordering::Relaxed);
-    conn.chan
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .closed = true;
-    if let Some(poll) = poll {
-        let _ = poll.registry().deregister(&mut SourceFd(&conn.fd));
-    }
-    // SAFETY: the loop owns the descriptor; it is closed exactly once, here.
-    unsafe { libc::close(conn.fd) };
-    pending.push_back(Event::Lost(token, why));
 }
 
 impl Drop for EventLoop {
     /// A loop dropped without `close()` (its server collected without `server_close()`)
-    /// still closes the descriptors it owns; no callback runs.
+    /// still closes the descriptors it owns (connections, the poller, the waker); no
+    /// callback runs.
+    ///
+    /// Drop runs in the object's deallocation, with the GIL held. The owners are moved
+    /// out first and closed with the GIL released (`Python::attach` only gets the token
+    /// of the attachment the thread already has; `detach` then releases it, as
+    /// CPython's own socket finalizer does around `close`). The Python objects of the
+    /// connections stay behind and are dropped attached, afterwards. Taking the waker's
+    /// lock while attached cannot wait on a thread that needs the GIL: its only other
+    /// holders (`wake`, `close`) hold it for a non-blocking system call at most.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let unclaimed = unclaimed_descriptors(&mut st.pending);
-        close_descriptors(unclaimed, &mut st.conns, None);
-        self.shared
+        let poll = st.poll.take();
+        let waker = self
+            .shared
             .waker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let conns = &mut st.conns;
+        Python::attach(|py| {
+            py.detach(|| {
+                close_descriptors(unclaimed, conns, poll.as_ref());
+                drop(poll);
+                drop(waker);
+            })
+        });
     }
 }
 
@@ -1027,12 +1149,19 @@ impl EventLoop {
     /// events, run the callbacks. True if anything happened, False on timeout or wake.
     #[pyo3(signature = (timeout = None))]
     fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if self.running_here() {
+            // A callback of this loop runs the loop again (handle_request() or
+            // serve_forever() from data_received, say): the round holds the loop, so
+            // waiting for it would never end. asyncio refuses the same way.
+            return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
+        }
         let deadline = syscall::deadline_after(timeout);
         let mut guard = lock(py, &self.state);
         let st = &mut *guard;
         if st.poll.is_none() {
             return Err(PyValueError::new_err("the server is closed"));
         }
+        let running = Running::enter(&self.shared);
         let result = (|| {
             self.start(py, st)?;
             if !st.pending.is_empty() {
@@ -1043,6 +1172,7 @@ impl EventLoop {
             self.dispatch(py, st)?;
             Ok(active)
         })();
+        drop(running);
         drop(guard);
         if self.closing.load(Ordering::Acquire) {
             // close() was called during this round (by a callback, a signal handler or
@@ -1083,23 +1213,49 @@ impl EventLoop {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => {
-                let _ = self.shared.wake();
-                return Ok(());
+                let _ = py.detach(|| self.shared.wake());
+                if self.running_here() {
+                    // A callback (or signal handler) of this loop's own round: the
+                    // round finishes the close when it ends.
+                    return Ok(());
+                }
+                // Another thread's round, just woken: wait for it to end (detached,
+                // so it can take the GIL to finish its callbacks). The caller may
+                // then close the listening socket: no round is using it any more.
+                lock(py, &self.state)
             }
         };
         let st = &mut *guard;
+        if st.poll.is_none() {
+            return Ok(()); // closed already (by the round that just ended)
+        }
         let poll = st.poll.take();
         let mut conns = std::mem::take(&mut st.conns);
         let datagram = st.datagram.take();
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         drop(guard);
+        // Transports may outlive the loop; its eventfd must not.
+        let waker = self
+            .shared
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         py.detach(|| {
             close_descriptors(unclaimed, &mut conns, poll.as_ref());
             if let Some(poll) = poll.as_ref() {
                 let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
             }
+            if let Some(ep) = datagram.as_ref() {
+                ep.chan
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .closed = true;
+            }
+            drop(poll);
+            drop(waker);
         });
-        drop(poll);
         self.open.store(0, Ordering::Relaxed);
         let mut first_err = None;
         let mut lost = |protocol: &Py<PyAny>| {
@@ -1118,24 +1274,20 @@ impl EventLoop {
             conn.transport.get().core.release(py);
         }
         if let Some(ep) = datagram {
-            ep.chan
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .closed = true;
             lost(&ep.protocol);
             ep.transport.get().core.release(py);
         }
-        // Transports may outlive the loop; its eventfd must not.
-        self.shared
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
         match first_err {
             Some(err) => Err(err),
             None => Ok(()),
         }
+    }
+
+    /// True when called from inside one of this loop's rounds (a callback) on the
+    /// calling thread, where running the loop again raises `RuntimeError`.
+    #[getter]
+    fn running(&self) -> bool {
+        self.running_here()
     }
 
     /// Open connections.
@@ -1148,18 +1300,4 @@ impl EventLoop {
     fn fd(&self) -> RawFd {
         self.fd
     }
-}
-
-/// A genuine socket object on a duplicate of a transport's descriptor, for
-/// `get_extra_info('socket')`.
-pub fn socket_for(
-    py: Python<'_>,
-    fd: RawFd,
-    family: i32,
-    kind: i32,
-    proto: i32,
-) -> PyResult<Py<PyAny>> {
-    // SAFETY: duplicating a descriptor the loop keeps open while the transport lives.
-    let dup = syscall::check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
-    Ok(Py::new(py, Connection::new(dup, family, kind, proto))?.into_any())
 }

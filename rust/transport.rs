@@ -19,13 +19,14 @@ use pyo3::prelude::*;
 use pyo3::PyClass;
 use std::cell::Cell;
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 /// asyncio's default write buffer limits.
 pub const DEFAULT_HIGH_WATER: usize = 64 * 1024;
 
 thread_local! {
-    /// The loop whose callbacks this thread is running (address of its `LoopShared`).
+    /// The loop whose round this thread is running (address of its `LoopShared`), 0 if none.
     pub static CURRENT_LOOP: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -130,8 +131,14 @@ pub struct TransportCore {
     pub protocol: Mutex<Py<PyAny>>,
     pub peername: Py<PyAny>,
     pub sockname: Py<PyAny>,
-    /// `get_extra_info('socket')`, made on first request.
-    pub socket: Mutex<Option<Py<PyAny>>>,
+    /// `get_extra_info('socket')`, made on first request: a `socket.socket` on a
+    /// duplicate of the descriptor, and the `asyncio.trsock.TransportSocket` that wraps
+    /// it (what the protocol gets: it refuses I/O, as asyncio's and uvloop's do).
+    pub socket: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    /// The descriptor's number. The loop owns the descriptor (a connection's slot, or
+    /// the server's socket for a datagram endpoint); this number is only duplicated
+    /// under the channel's lock while the channel is open, and the loop closes it under
+    /// that lock after marking the channel closed.
     pub fd: std::os::fd::RawFd,
     pub family: i32,
     pub kind: i32,
@@ -166,28 +173,71 @@ impl TransportCore {
         Ok(match name {
             "peername" => self.peername.clone_ref(py),
             "sockname" => self.sockname.clone_ref(py),
-            "socket" => {
-                let mut sock = lock(py, &self.socket);
-                if lock(py, &self.chan.state).closed {
-                    return Ok(default.unwrap_or_else(|| py.None()));
-                }
-                match sock.as_ref() {
-                    Some(s) => s.clone_ref(py),
-                    None => {
-                        let s = crate::event_loop::socket_for(
-                            py,
-                            self.fd,
-                            self.family,
-                            self.kind,
-                            self.proto,
-                        )?;
-                        *sock = Some(s.clone_ref(py));
-                        s
-                    }
-                }
-            }
+            "socket" => match self.transport_socket(py)? {
+                Some(sock) => sock,
+                None => default.unwrap_or_else(|| py.None()),
+            },
             _ => default.unwrap_or_else(|| py.None()),
         })
+    }
+
+    /// The `get_extra_info('socket')` object: made once, while the connection is open;
+    /// afterwards the one made before (closed by then: `fileno()` is -1), or None.
+    fn transport_socket(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        if let Some((_, wrapper)) = lock(py, &self.socket).as_ref() {
+            return Ok(Some(wrapper.clone_ref(py)));
+        }
+        let Some(dup) = py.detach(|| self.duplicate())? else {
+            return Ok(None);
+        };
+        let socket = py.import("socket")?.getattr("socket")?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("fileno", dup.as_raw_fd())?;
+        let sock = socket.call((self.family, self.kind, self.proto), Some(&kwargs))?;
+        // The socket object owns the duplicate now.
+        let _ = dup.into_raw_fd();
+        let wrapper = py
+            .import("asyncio.trsock")?
+            .getattr("TransportSocket")?
+            .call1((&sock,))?;
+        let made = (sock.unbind(), wrapper.unbind());
+        let (kept, extra) = {
+            let mut slot = lock(py, &self.socket);
+            match slot.as_ref() {
+                // Another thread made one meanwhile: keep that one.
+                Some((s, w)) => ((s.clone_ref(py), w.clone_ref(py)), Some(made)),
+                None => {
+                    *slot = Some((made.0.clone_ref(py), made.1.clone_ref(py)));
+                    (made, None)
+                }
+            }
+        };
+        if let Some((sock, _)) = extra {
+            sock.call_method0(py, "close")?;
+        }
+        // The connection may have ended while this one was made, and its release()
+        // may have run before the socket was stored: then close it here (closing it
+        // twice is harmless).
+        if lock(py, &self.chan.state).closed {
+            self.drop_socket(py);
+        }
+        Ok(Some(kept.1))
+    }
+
+    /// Duplicate the descriptor, close-on-exec, if the channel is still open. Detached:
+    /// the channel's lock is taken and released here, so the loop cannot close the
+    /// descriptor between the check and the duplicate.
+    fn duplicate(&self) -> crate::error::Result<Option<OwnedFd>> {
+        let st = self.chan.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.closed {
+            return Ok(None);
+        }
+        // SAFETY: the channel is open, so `fd` is the loop's open descriptor, and it
+        // stays open while this lock is held.
+        let dup = crate::syscall::check(unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+        drop(st);
+        // SAFETY: fcntl returned a new descriptor that nothing else owns.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(dup) }))
     }
 
     /// At the connection's end: forget the protocol (as asyncio does, so that the usual
@@ -200,8 +250,12 @@ impl TransportCore {
     }
 
     /// Close the `get_extra_info('socket')` object, if one was made (connection end).
+    /// The wrapper stays usable (it reports `fileno() == -1`, as asyncio's does).
     pub fn drop_socket(&self, py: Python<'_>) {
-        if let Some(sock) = lock(py, &self.socket).take() {
+        let made = lock(py, &self.socket)
+            .as_ref()
+            .map(|(s, _)| s.clone_ref(py));
+        if let Some(sock) = made {
             let _ = sock.call_method0(py, "close");
         }
     }

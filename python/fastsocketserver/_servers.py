@@ -219,6 +219,9 @@ class BaseServer:
         runs in the engine, in the stdlib's order (wait, check for shutdown, handle,
         ``service_actions()``), calling every hook a subclass overrides.
         """
+        if type(self.__reactor) is _core.EventLoop and self.__reactor.running:
+            # From a protocol callback: refused before the running loop's state is touched.
+            raise RuntimeError("This event loop is already running")
         self.__is_shut_down.clear()
         try:
             reactor = self._reactor()

@@ -1,0 +1,327 @@
+"""The event-driven path under the scenarios of issue 12 (trust).
+
+Each test runs the same protocol on asyncio (the reference) and on fastsocketserver
+where asyncio has a counterpart, with the helpers of ``test_protocol`` (the backends,
+the recording protocols, bounded waits). The scenarios:
+
+* descriptors are owned: no leak after close races (``server_close()`` while clients
+  connect and send, a server collected without ``server_close()``);
+* ``get_extra_info('socket')`` is a pseudo-socket that refuses I/O and never brings a
+  closed descriptor number back;
+* running the loop from inside one of its own callbacks raises ``RuntimeError``;
+* datagrams of any size the socket allows are delivered whole;
+* ``DatagramTransport.close()``/``abort()`` end the endpoint as in asyncio;
+* ``pause_reading()`` holds every ``data_received``/``eof_received`` until
+  ``resume_reading()``;
+* ``pause_writing()`` is called as often as asyncio calls it for the same writer;
+* ``asyncio.BufferedProtocol`` is served;
+* ``serve_forever()`` racing ``shutdown()`` + ``server_close()`` and garbage collection
+  never hangs.
+
+Rules as in ``test_protocol``: loopback only, port 0 or a temp-dir Unix path, every
+socket with a timeout, every loop bounded, every server stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.trsock
+import gc
+import socket
+import threading
+import time
+
+import pytest
+
+import test_protocol as tp
+from test_protocol import (
+    CLIENT_TIMEOUT,
+    Echo,
+    backend,  # noqa: F401 -- the fixture
+    make_dgram_protocol,
+    make_protocol,
+    recv_exactly,
+    recv_until_eof,
+    running,
+    settled_fd_count,
+    wait_conns,
+    wait_lost,
+    wait_until,
+)
+
+ROUND_TIMEOUT = 5.0
+
+
+def fss():
+    return tp.fast_module()
+
+
+def send_in_background(c, payload):
+    """sendall + SHUT_WR in a thread: a paused server may not read it all before the
+    test resumes it."""
+    def run():
+        try:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def call_soon(r, fn):
+    """Run ``fn`` on the runner's loop thread (asyncio transports are not
+    thread-safe) or, for fastsocketserver (whose transports are), right here."""
+    if r.backend == "asyncio":
+        done = threading.Event()
+        box = {}
+
+        def run():
+            try:
+                box["result"] = fn()
+            finally:
+                done.set()
+
+        r.loop.call_soon_threadsafe(run)
+        assert done.wait(ROUND_TIMEOUT), "the asyncio loop did not run the call"
+        return box.get("result")
+    return fn()
+
+
+# ---------------------------------------------------------------------------
+# 1. descriptors have owners: no leak after close races
+# ---------------------------------------------------------------------------
+
+def _hammer(address, stop, sent):
+    """Connect, send, maybe read, close, until ``stop`` (each step bounded)."""
+    deadline = time.monotonic() + 10
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(address, timeout=0.5) as c:
+                c.sendall(b"ping")
+                sent.append(1)
+                try:
+                    c.recv(16)
+                except OSError:
+                    pass
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("how", ["shutdown_then_close", "close_while_serving", "collect_unclosed"])
+def test_fd_count_back_to_start_after_close_races(how):
+    mod = fss()
+    P = make_protocol(Echo)
+    gc.collect()
+    before = settled_fd_count()
+    for i in range(12):
+        server = mod.TCPServer(("127.0.0.1", 0), P)
+        stop = threading.Event()
+        sent = []
+        serve_exc = []
+
+        def serve(server=server):
+            try:
+                server.serve_forever(0.05)
+            except BaseException as exc:  # reported below
+                serve_exc.append(exc)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        clients = [threading.Thread(target=_hammer, args=(server.server_address, stop, sent),
+                                    daemon=True) for _ in range(3)]
+        for c in clients:
+            c.start()
+        try:
+            assert wait_until(lambda: len(sent) >= 3 + i, ROUND_TIMEOUT)
+            if how == "shutdown_then_close":
+                server.shutdown()
+                server.server_close()
+            elif how == "close_while_serving":
+                server.server_close()
+                ok, _, exc = tp.call_with_timeout(server.shutdown, ROUND_TIMEOUT)
+                assert ok and exc is None, "shutdown() after server_close() hung or failed"
+            else:
+                server.shutdown()
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(ROUND_TIMEOUT)
+            t.join(ROUND_TIMEOUT)
+        assert not t.is_alive()
+        assert not serve_exc, f"serve_forever() raised {serve_exc[0]!r}"
+        del server, t, serve
+        gc.collect()
+    assert wait_until(lambda: settled_fd_count() <= before, ROUND_TIMEOUT), \
+        f"{settled_fd_count() - before} descriptor(s) leaked"
+
+
+# ---------------------------------------------------------------------------
+# 2. get_extra_info('socket')
+# ---------------------------------------------------------------------------
+
+class SocketProbe:
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        c = self.rec.checks
+        c["type"] = type(sock).__module__ + "." + type(sock).__qualname__
+        c["same"] = transport.get_extra_info("socket") is sock
+        c["peer"] = sock.getpeername() == transport.get_extra_info("peername")
+        c["family"] = int(sock.family)
+        c["nodelay_set"] = sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c["nodelay"] = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        for name in ("recv", "send", "close", "detach"):
+            c[name] = hasattr(sock, name)
+        try:
+            sock.settimeout(1.0)
+        except ValueError:
+            c["settimeout"] = "ValueError"
+        self.sock = sock
+        transport.write(b"ok")
+        transport.close()
+
+
+def test_extra_info_socket_is_a_pseudo_socket(backend):
+    P = make_protocol(SocketProbe)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            assert recv_until_eof(c) == b"ok"
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert rec.checks == {
+        "type": "asyncio.trsock.TransportSocket",
+        "same": True,
+        "peer": True,
+        "family": int(socket.AF_INET),
+        "nodelay_set": None,
+        "nodelay": True,
+        "recv": False,
+        "send": False,
+        "close": False,
+        "detach": False,
+        "settimeout": "ValueError",
+    }
+    # after the connection's end the pseudo-socket is closed: it holds no number that
+    # the kernel may have given to another socket since
+    assert rec.proto.sock.fileno() == -1
+
+
+class LateSocket:
+    """Asks for the socket only in connection_lost (the connection's descriptor is
+    closed by then on fastsocketserver) and from another thread after the end."""
+
+    def connection_lost(self, exc):
+        sock = self.transport.get_extra_info("socket")
+        self.rec.checks["late"] = sock is None or sock.fileno() == -1 or \
+            sock.getpeername() == self.transport.get_extra_info("peername")
+        super().connection_lost(exc)
+
+
+def test_extra_info_socket_never_resurrects_a_closed_descriptor():
+    """Connections come and go while other threads keep asking closed and closing
+    transports for their socket: every socket they get is either closed or the
+    connection's own (same peer), never another connection that reused the number."""
+    mod = fss()
+    P = make_protocol(LateSocket, Echo)
+    wrong = []
+    stop = threading.Event()
+
+    def probe():
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            for rec in P.log.snapshot()[-20:]:
+                t = rec.transport
+                if t is None:
+                    continue
+                sock = t.get_extra_info("socket")
+                if sock is None:
+                    continue
+                try:
+                    if sock.fileno() != -1 and sock.getpeername() != t.get_extra_info("peername"):
+                        wrong.append((sock.getpeername(), t.get_extra_info("peername")))
+                except OSError:
+                    pass
+
+    with running("fast", P) as r:
+        threads = [threading.Thread(target=probe, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(150):
+                with r.connect() as c:
+                    c.sendall(b"x")
+                    assert recv_exactly(c, 1) == b"x"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(ROUND_TIMEOUT)
+        wait_lost(P.log, 150)
+    assert not wrong, wrong[:3]
+    assert all(rec.checks["late"] for rec in P.log.snapshot())
+
+
+# ---------------------------------------------------------------------------
+# 3. re-entrance
+# ---------------------------------------------------------------------------
+
+class Reenter:
+    """Runs the loop again from data_received (``reenter`` is set per backend)."""
+
+    reenter = None
+
+    def data_received(self, data):
+        super().data_received(data)
+        try:
+            type(self).reenter()
+        except BaseException as exc:
+            self.rec.checks["exc"] = type(exc).__name__
+        else:
+            self.rec.checks["exc"] = None
+        self.transport.write(data)
+
+
+@pytest.mark.parametrize("call", ["handle_request", "serve_forever"])
+def test_running_the_loop_from_a_callback_raises_runtime_error(backend, call):
+    P = make_protocol(Reenter, name="Reenter")
+    r = tp.make_runner(backend, P, "tcp", backlog=tp.BACKLOG)
+    r.start()
+    try:
+        if backend == "asyncio":
+            P.reenter = staticmethod(r.loop.run_forever)
+        else:
+            P.reenter = staticmethod(getattr(r.server, call))
+        for i in range(2):
+            with r.connect() as c:
+                c.sendall(b"hi")
+                assert recv_exactly(c, 2) == b"hi", "the serving thread is stuck"
+        wait_lost(P.log, 2)
+    finally:
+        ok, _, _ = tp.call_with_timeout(r.stop, ROUND_TIMEOUT * 2)
+    assert ok, "the server did not stop"
+    assert [rec.checks["exc"] for rec in P.log.snapshot()] == ["RuntimeError"] * 2
+
+
+# ---------------------------------------------------------------------------
+# 4. datagrams of any size the socket allows
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,size", [("unix_dgram", 70_000), ("unix_dgram", 100_000),
+                                       ("unix_dgram", 200_000), ("udp", 65_507)])
+def test_large_datagrams_are_delivered_whole(backend, kind, size):
+    P = make_dgram_protocol()
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    with running(backend, P, kind) as r:
+        wait_conns(P.log, 1)
+        with r.dgram_client() as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            c.sendto(payload, r.address)
+            c.sendto(b"after", r.address)
+            assert wait_until(lambda: len(tp.only_conn(P.log).datagrams) >= 2)
+    got = [d for d, _ in tp.only_conn(P.log).datagrams]
+    assert [len(d) for d in got] == [size, 5]
+    assert got == [payload, b"after"]
+
+
