@@ -1027,7 +1027,7 @@ impl EventLoop {
     /// events, run the callbacks. True if anything happened, False on timeout or wake.
     #[pyo3(signature = (timeout = None))]
     fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let deadline = syscall::deadline_after(timeout);
+        let deadline = syscall::deadline_after(timeout)?;
         let mut guard = lock(py, &self.state);
         let st = &mut *guard;
         if st.poll.is_none() {

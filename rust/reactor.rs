@@ -223,7 +223,7 @@ impl Reactor {
         timeout: Option<f64>,
         mut wait: impl FnMut(&mut PollState, Option<Instant>) -> Result<Outcome> + Send,
     ) -> PyResult<Outcome> {
-        let deadline = syscall::deadline_after(timeout);
+        let deadline = syscall::deadline_after(timeout)?;
         let mut st = lock(py, &self.state);
         let st = &mut *st;
         if self.closing.load(Ordering::Acquire) {
