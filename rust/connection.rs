@@ -14,9 +14,9 @@ use crate::reader::SocketReader;
 use crate::syscall::{self, Mode};
 use crate::wait::blocking;
 use crate::writer::SocketWriter;
-use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyTuple};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,37 +60,34 @@ impl Connection {
     }
 }
 
-/// Convert a Python timeout (`None` or seconds) to a mode, as `settimeout` validates it.
+/// Convert a Python timeout (`None` or seconds) to a mode, as `settimeout` validates it:
+/// a float (NaN is a `ValueError`) or an object with `__index__` (anything else is a
+/// `TypeError`), rounded up to whole nanoseconds; negative is a `ValueError`, more
+/// nanoseconds than an `i64` holds an `OverflowError`.
 pub fn parse_timeout(value: Option<&Bound<'_, PyAny>>) -> PyResult<Mode> {
     let Some(value) = value.filter(|v| !v.is_none()) else {
         return Ok(Mode::Blocking);
     };
-    let secs: f64 = value.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "'{}' object cannot be interpreted as an integer or float",
-            value
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })?;
-    if secs.is_nan() || secs < 0.0 {
-        return Err(PyValueError::new_err("Timeout value out of range"));
+    let nanos = if let Ok(f) = value.cast::<PyFloat>() {
+        syscall::secs_to_nanos(f.value())
+    } else {
+        // Through `__index__` only, as CPython converts a non-float timeout: a
+        // `TypeError` for other types, an `OverflowError` past an i64.
+        syscall::int_secs_to_nanos(value.extract::<i64>()?)
     }
-    if secs == 0.0 {
-        return Ok(Mode::NonBlocking);
+    .map_err(syscall::BadTimeout::to_py)?;
+    match nanos {
+        n if n < 0 => Err(PyValueError::new_err("Timeout value out of range")),
+        0 => Ok(Mode::NonBlocking),
+        n => Ok(Mode::Timeout(Duration::from_nanos(n as u64))),
     }
-    Duration::try_from_secs_f64(secs)
-        .map(Mode::Timeout)
-        .map_err(|_| PyOverflowError::new_err("timeout doesn't fit into C timeval"))
 }
 
 fn mode_to_python(mode: Mode) -> Option<f64> {
     match mode {
         Mode::Blocking => None,
         Mode::NonBlocking => Some(0.0),
-        Mode::Timeout(d) => Some(d.as_secs_f64()),
+        Mode::Timeout(_) => Some(syscall::nanos_to_secs(mode.to_nanos())),
     }
 }
 

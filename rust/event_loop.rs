@@ -1155,7 +1155,7 @@ impl EventLoop {
             // waiting for it would never end. asyncio refuses the same way.
             return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
         }
-        let deadline = syscall::deadline_after(timeout);
+        let deadline = syscall::deadline_after(timeout)?;
         let mut guard = lock(py, &self.state);
         let st = &mut *guard;
         if st.poll.is_none() {

@@ -369,24 +369,24 @@ impl WorkerPool {
 
     /// Wait until every tracked job has finished; False if `timeout` passed first.
     #[pyo3(signature = (timeout = None))]
-    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let shared = &*self.shared;
-        let until = crate::syscall::deadline_after(timeout);
-        py.detach(|| shared.wait_done(shared.lock(), until, |s| s.tracked == 0).1)
+        let until = crate::syscall::deadline_after(timeout)?;
+        Ok(py.detach(|| shared.wait_done(shared.lock(), until, |s| s.tracked == 0).1))
     }
 
     /// Stop taking jobs; idle workers retire at once, busy ones after their job. Waits
     /// up to `timeout` for the threads to end; True if they all did.
     #[pyo3(signature = (timeout = None))]
-    fn close(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
+    fn close(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let shared = &*self.shared;
-        let until = crate::syscall::deadline_after(timeout);
-        py.detach(|| {
+        let until = crate::syscall::deadline_after(timeout)?;
+        Ok(py.detach(|| {
             let mut st = shared.lock();
             st.closing = true;
             shared.work.notify_all();
             shared.wait_done(st, until, |s| s.threads == 0).1
-        })
+        }))
     }
 
     /// Tracked jobs not yet finished (what `server_close()` waits for).

@@ -285,7 +285,7 @@ impl Reactor {
         timeout: Option<f64>,
         mut wait: impl FnMut(&mut PollState, Option<Instant>) -> Result<Outcome> + Send,
     ) -> PyResult<Outcome> {
-        let deadline = syscall::deadline_after(timeout);
+        let deadline = syscall::deadline_after(timeout)?;
         let closing = || self.closing.load(Ordering::Acquire);
         let Some(mut st) = self.state.take(py, deadline, closing)? else {
             return Ok(if closing() {

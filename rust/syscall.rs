@@ -1,6 +1,7 @@
 //! The system calls of the engine, with CPython's socket-timeout semantics.
 //!
-//! Nothing here touches Python: every function is meant to run inside one
+//! Nothing here calls into Python (a bad timeout's exception is built lazily, needing
+//! no GIL): every function is meant to run inside one
 //! `Python::detach` (DESIGN.md §5), and reports EINTR as [`Error::Interrupted`] so the
 //! caller can re-attach, run the signal handlers and come back with the same deadline.
 //!
@@ -9,6 +10,9 @@
 //! blocking calls (one syscall per wait, the cheapest path).
 
 use crate::error::{Error, Result};
+use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::PyErr;
+use pyo3::PyResult;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -57,15 +61,71 @@ impl Mode {
     }
 }
 
-/// The deadline of a wait of `timeout` seconds from Python starting now: None waits
-/// forever, NaN or a negative value means now (look once without waiting), and a
-/// timeout too far to represent waits forever.
-pub fn deadline_after(timeout: Option<f64>) -> Option<Instant> {
-    let t = timeout?;
-    let t = if t.is_nan() { 0.0 } else { t.max(0.0) };
-    Duration::try_from_secs_f64(t)
-        .ok()
-        .and_then(|d| Instant::now().checked_add(d))
+/// Why a timeout in seconds has no nanosecond count.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BadTimeout {
+    /// The value is NaN (`ValueError`).
+    NaN,
+    /// The value does not fit a signed 64-bit count of nanoseconds (`OverflowError`).
+    TooLarge,
+}
+
+impl BadTimeout {
+    /// The Python exception a bad timeout raises.
+    pub fn to_py(self) -> PyErr {
+        match self {
+            BadTimeout::NaN => PyValueError::new_err("Invalid value NaN (not a number)"),
+            BadTimeout::TooLarge => PyOverflowError::new_err("timeout value is too large"),
+        }
+    }
+}
+
+/// Seconds as whole nanoseconds, rounded away from zero as CPython rounds a timeout
+/// (so that any positive timeout, however tiny, is at least one nanosecond and a
+/// timeout, never "don't wait"). The count must fit an `i64`, CPython's time type.
+pub fn secs_to_nanos(secs: f64) -> std::result::Result<i64, BadTimeout> {
+    if secs.is_nan() {
+        return Err(BadTimeout::NaN);
+    }
+    let ns = secs * 1e9;
+    let ns = if ns >= 0.0 { ns.ceil() } else { ns.floor() };
+    // 2^63 is exact as an f64; the half-open range is exactly what an i64 holds.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    if !(-LIMIT..LIMIT).contains(&ns) {
+        return Err(BadTimeout::TooLarge);
+    }
+    Ok(ns as i64)
+}
+
+/// Whole seconds as nanoseconds, if they fit an `i64`.
+pub fn int_secs_to_nanos(secs: i64) -> std::result::Result<i64, BadTimeout> {
+    secs.checked_mul(1_000_000_000).ok_or(BadTimeout::TooLarge)
+}
+
+/// Nanoseconds as seconds in a float: exact for whole seconds, otherwise the nearest
+/// float to `ns / 1e9` (what `gettimeout()` reports).
+pub fn nanos_to_secs(ns: i64) -> f64 {
+    if ns % 1_000_000_000 == 0 {
+        (ns / 1_000_000_000) as f64
+    } else {
+        ns as f64 / 1e9
+    }
+}
+
+/// The deadline of a wait of `timeout` seconds from Python starting now, with the
+/// stdlib's errors for a server timeout or poll interval: None waits forever, zero or
+/// a negative value means now (look once without waiting), NaN raises `ValueError`
+/// and a value too large to count in nanoseconds (infinity too) `OverflowError`.
+pub fn deadline_after(timeout: Option<f64>) -> PyResult<Option<Instant>> {
+    let Some(t) = timeout else {
+        return Ok(None);
+    };
+    if t <= 0.0 {
+        return Ok(Some(Instant::now()));
+    }
+    let ns = secs_to_nanos(t).map_err(BadTimeout::to_py)?;
+    // Cannot fail: at most 2^63 ns (292 years) from now.
+    Ok(Instant::now().checked_add(Duration::from_nanos(ns as u64)))
 }
 
 /// Milliseconds left until `deadline` for `poll(2)`, rounded up; -1 waits forever.
@@ -80,19 +140,23 @@ pub fn poll_millis(deadline: Option<Instant>) -> libc::c_int {
     }
 }
 
-/// Wait until `fd` is ready for `events` or the deadline passes.
+/// Wait until `fd` is ready for `events` or the deadline passes. `poll(2)` takes at
+/// most `i32::MAX` milliseconds (about 25 days): a longer timeout polls again.
 pub fn wait_fd(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> Result<()> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, poll_millis(deadline)) };
-    match n {
-        n if n < 0 => Err(Error::last_os()),
-        0 => Err(Error::Timeout),
-        _ => Ok(()),
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, poll_millis(deadline)) };
+        match n {
+            n if n < 0 => return Err(Error::last_os()),
+            0 if deadline.is_none_or(|d| Instant::now() >= d) => return Err(Error::Timeout),
+            0 => continue,
+            _ => return Ok(()),
+        }
     }
 }
 
@@ -447,12 +511,33 @@ mod tests {
 
     #[test]
     fn deadline_after_handles_odd_timeouts() {
-        assert_eq!(deadline_after(None), None);
+        assert_eq!(deadline_after(None).unwrap(), None);
         let now = Instant::now();
-        assert!(deadline_after(Some(f64::NAN)).is_some_and(|d| d <= Instant::now() && d >= now));
-        assert!(deadline_after(Some(-1.0)).is_some_and(|d| d <= Instant::now()));
-        assert_eq!(deadline_after(Some(f64::INFINITY)), None);
-        assert!(deadline_after(Some(0.5)).is_some_and(|d| d > now));
+        assert!(deadline_after(Some(f64::NAN)).is_err());
+        assert!(deadline_after(Some(f64::INFINITY)).is_err());
+        assert!(deadline_after(Some(1e10)).is_err());
+        assert!(deadline_after(Some(-1.0))
+            .unwrap()
+            .is_some_and(|d| d <= Instant::now()));
+        assert!(deadline_after(Some(f64::NEG_INFINITY))
+            .unwrap()
+            .is_some_and(|d| d <= Instant::now()));
+        assert!(deadline_after(Some(0.5)).unwrap().is_some_and(|d| d > now));
+    }
+
+    #[test]
+    fn timeouts_round_up_to_whole_nanoseconds() {
+        assert_eq!(secs_to_nanos(1e-10), Ok(1));
+        assert_eq!(secs_to_nanos(5e-324), Ok(1));
+        assert_eq!(secs_to_nanos(1.5e-9), Ok(2));
+        assert_eq!(secs_to_nanos(-0.0), Ok(0));
+        assert_eq!(secs_to_nanos(-1e-10), Ok(-1));
+        assert_eq!(secs_to_nanos(f64::NAN), Err(BadTimeout::NaN));
+        assert_eq!(secs_to_nanos(9.3e9), Err(BadTimeout::TooLarge));
+        assert_eq!(secs_to_nanos(9.2e9), Ok(9_200_000_000_000_000_000));
+        assert_eq!(int_secs_to_nanos(9_223_372_037), Err(BadTimeout::TooLarge));
+        assert_eq!(nanos_to_secs(1), 1e-9);
+        assert_eq!(nanos_to_secs(3_000_000_000), 3.0);
     }
 
     #[test]
