@@ -44,7 +44,6 @@ from conftest import (
     JOIN_TIMEOUT,
     STDLIB,
     call_with_timeout,
-    import_fast,
     recv_until_eof,
     serving,
 )
@@ -348,16 +347,14 @@ def test_protocol_handler_on_tls_listener_is_refused(fast_mod, recipe, entry, se
 # the listening socket is left as it was found
 # ---------------------------------------------------------------------------
 
-class LineEcho:
-    """A StreamRequestHandler class for ``mod``: echoes one line."""
+def line_echo_handler(mod):
+    """A StreamRequestHandler class for ``mod`` that echoes one line."""
 
-    @staticmethod
-    def for_module(mod):
-        class Echo(mod.StreamRequestHandler):
-            def handle(self):
-                self.wfile.write(self.rfile.readline())
+    class Echo(mod.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(self.rfile.readline())
 
-        return Echo
+    return Echo
 
 
 LISTENER_BASES = ["TCPServer", "ThreadingTCPServer", "UnixStreamServer"]
@@ -367,7 +364,7 @@ def make_plain_server(mod, base_name, unix_path):
     base = getattr(mod, base_name)
     address = unix_path("plain") if base_name.startswith("Unix") else ("127.0.0.1", 0)
     cls = type("Plain" + base_name, (base,), {"daemon_threads": True})
-    return cls(address, LineEcho.for_module(mod))
+    return cls(address, line_echo_handler(mod))
 
 
 def connector(server):
@@ -452,7 +449,7 @@ def test_listener_blocking_after_handle_request(mod, base_name, unix_path):
 
 def test_listener_blocking_after_handle_request_timeout(mod):
     """handle_request() that times out with no client leaves the listener blocking."""
-    server = mod.TCPServer(("127.0.0.1", 0), LineEcho.for_module(mod))
+    server = mod.TCPServer(("127.0.0.1", 0), line_echo_handler(mod))
     server.timeout = 0.05
     try:
         ok, _, exc = call_with_timeout(server.handle_request)

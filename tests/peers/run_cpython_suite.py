@@ -96,7 +96,7 @@ def check_substitution(suite_name: str, fast: object) -> list[str]:
     return checked
 
 
-def load(suite_name: str, module, tests: list[str]) -> unittest.TestSuite:
+def load(module, tests: list[str]) -> unittest.TestSuite:
     loader = unittest.defaultTestLoader
     if not tests:
         return loader.loadTestsFromModule(module)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     fast = None if args.stdlib else substitute()
     module = importlib.import_module(f"test.{args.suite}")
     checked = [] if fast is None else check_substitution(args.suite, fast)
-    suite = load(args.suite, module, args.tests)
+    suite = load(module, args.tests)
     started = time.monotonic()
     runner = unittest.TextTestRunner(stream=sys.stderr, verbosity=2 if args.verbose else 1)
     result = runner.run(suite)
