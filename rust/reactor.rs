@@ -503,7 +503,12 @@ impl Reactor {
     /// `service_actions` must run after each), reading `server.daemon_threads` once per
     /// round. When the pool refuses one (at `max_threads`, closed) it goes through
     /// `handle`, whose `process_request` waits for room as the stdlib path does.
-    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None, pool = None))]
+    ///
+    /// With `listener` given, every round checks that `server.socket` is still that
+    /// object; when it was replaced (closed and another socket assigned, even one with
+    /// the same descriptor number), the loop ends and returns True so that the server
+    /// can make a reactor for the new socket and go on. Otherwise it returns False.
+    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None, pool = None, listener = None))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
@@ -516,7 +521,8 @@ impl Reactor {
         bufsize: usize,
         report: Option<&Bound<'_, PyAny>>,
         pool: Option<&Bound<'_, WorkerPool>>,
-    ) -> PyResult<()> {
+        listener: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         let want = || match (self.accepting, self.kind) {
             (false, _) => Want::Readiness,
             (true, libc::SOCK_DGRAM) => Want::Datagram(bufsize),
@@ -538,12 +544,19 @@ impl Reactor {
             .map(|p| p.get().shared.clone());
         let batch = service_actions.is_none();
         self.serving.fetch_add(1, Ordering::AcqRel);
+        let mut replaced = false;
         let served = crate::serve::serve_forever(server, service_actions, |stop| {
             // The wake count is read before this round's own look at the shutdown flag,
             // so a `shutdown()` that sets the flag after that look also ends the wait.
             let seen = self.wakes.load(Ordering::Acquire);
             if stop.is_set()? {
                 return Ok(true);
+            }
+            if let Some(listener) = listener {
+                if !server.getattr(intern!(py, "socket"))?.is(listener) {
+                    replaced = true;
+                    return Ok(true);
+                }
             }
             let outcome = match (&pool, &dispatch) {
                 (Some(pool), Some(dispatch)) => {
@@ -603,7 +616,7 @@ impl Reactor {
         self.serving.fetch_sub(1, Ordering::AcqRel);
         self.restore_requested.store(true, Ordering::Release);
         self.settle(py);
-        served
+        served.map(|()| replaced)
     }
 
     /// Wake the current (or next) wait; it returns None/False.

@@ -224,23 +224,31 @@ class BaseServer:
             raise RuntimeError("This event loop is already running")
         self.__is_shut_down.clear()
         try:
-            reactor = self._reactor()
-            actions = self.service_actions if _overridden(self, "service_actions") else None
-            if type(reactor) is _core.EventLoop:
-                reactor.serve(self, poll_interval, actions)
-            elif reactor.accepting:
-                bufsize = getattr(self, "max_packet_size", 8192)
-                pool = self._engine_pool(reactor.kind)
-                library = pool is not None or _library_dispatch(self, reactor.kind)
-                report = self._report_error if library else None
-                reactor.serve(
-                    self, poll_interval, self._handle_accepted, actions, self.socket, bufsize, report, pool  # type: ignore[attr-defined]
-                )
-            else:
-                reactor.serve(self, poll_interval, self._handle_request_noblock, actions)
+            # A round of the engine's loop ends it when server.socket was replaced; the
+            # loop then goes on with a reactor for the new socket.
+            while self._serve_with(self._reactor(), poll_interval):
+                pass
         finally:
             self.__shutdown_request = False
             self.__is_shut_down.set()
+
+    def _serve_with(self, reactor: Any, poll_interval: float | None) -> bool:
+        """Run the engine's loop on ``reactor``: True if it ended because
+        ``server.socket`` was replaced."""
+        actions = self.service_actions if _overridden(self, "service_actions") else None
+        if type(reactor) is _core.EventLoop:
+            reactor.serve(self, poll_interval, actions)
+            return False
+        listener = getattr(self, "socket", None)
+        if reactor.accepting:
+            bufsize = getattr(self, "max_packet_size", 8192)
+            pool = self._engine_pool(reactor.kind)
+            library = pool is not None or _library_dispatch(self, reactor.kind)
+            report = self._report_error if library else None
+            return reactor.serve(
+                self, poll_interval, self._handle_accepted, actions, listener, bufsize, report, pool, listener
+            )
+        return reactor.serve(self, poll_interval, self._handle_request_noblock, actions, listener=listener)
 
     def shutdown(self) -> None:
         """Stops the serve_forever loop.
