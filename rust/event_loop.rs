@@ -112,13 +112,33 @@ impl Conn {
     }
 }
 
+/// The protocol of a datagram server and its transport.
+///
+/// `transport.close()`/`abort()` end the endpoint as in asyncio: no more
+/// `datagram_received`, then `connection_lost(None)`. The socket is the server's (the
+/// user's `server.socket`), so ending the endpoint stops the loop using it (it is taken
+/// out of the poller and never read again) but does not close it: that stays
+/// `server_close()`'s job.
 struct DatagramEndpoint {
     chan: Arc<Channel>,
     transport: Py<BaseTransport>,
-    protocol: Py<PyAny>,
+    /// None once the protocol got its `connection_lost`.
+    protocol: Option<Py<PyAny>>,
     /// The protocol is a `NativeEcho`.
     native: bool,
     writable_interest: bool,
+    /// Ended by the transport's `close()`/`abort()`: out of the poller.
+    ended: bool,
+}
+
+impl DatagramEndpoint {
+    /// The protocol, while it is to get datagrams (the transport is not closing).
+    fn receiving(&self, py: Python<'_>) -> Option<&Py<PyAny>> {
+        let cs = lock(py, &self.chan.state);
+        let open = !(cs.closing || cs.aborting || cs.closed);
+        drop(cs);
+        self.protocol.as_ref().filter(|_| open)
+    }
 }
 
 struct LoopState {
@@ -316,6 +336,15 @@ impl EventLoop {
     /// whole: a buffer as large as the datagram, never a silent cut (a datagram that
     /// still came cut, `MSG_TRUNC`, is reported to `error_received` as `EMSGSIZE`).
     fn receive_datagrams(&self, st: &mut LoopState) {
+        let reading = st.datagram.as_ref().is_some_and(|ep| {
+            let cs = ep.chan.state.lock().unwrap_or_else(|p| p.into_inner());
+            !(ep.ended || cs.closing || cs.aborting || cs.closed)
+        });
+        if !reading {
+            // Closing: what is queued stays in the socket for its owner.
+            st.listener_ready = false;
+            return;
+        }
         let inet = self.family == libc::AF_INET || self.family == libc::AF_INET6;
         for _ in 0..DATAGRAM_BUDGET {
             let start = st.arena.len();
@@ -532,11 +561,15 @@ impl EventLoop {
             datagram,
             pending,
             poll,
+            listener_ready,
             ..
         } = st;
         let Some(ep) = datagram.as_mut() else {
             return Ok(());
         };
+        if ep.ended {
+            return Ok(());
+        }
         let chan = ep.chan.clone();
         let mut cs = chan.state.lock().unwrap_or_else(|p| p.into_inner());
         cs.queued = false;
@@ -553,6 +586,24 @@ impl EventLoop {
                     }
                 }
             }
+        }
+        if cs.aborting {
+            // What the socket did not take at once is dropped.
+            cs.datagrams.clear();
+            cs.datagram_bytes = 0;
+        }
+        if cs.aborting || (cs.closing && cs.datagrams.is_empty()) {
+            // The endpoint ends: out of the poller, never read again, and the protocol
+            // is told. The socket itself stays open: it is the server's.
+            cs.closed = true;
+            drop(cs);
+            if let Some(poll) = poll.as_ref() {
+                let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
+            }
+            ep.ended = true;
+            *listener_ready = false;
+            pending.push_back(Event::Lost(LISTENER.0, Lost::Clean));
+            return Ok(());
         }
         let left = after_flush(&mut cs, pending, LISTENER.0);
         watch_writable(
@@ -655,7 +706,9 @@ impl EventLoop {
                 }
                 Event::Resume(token) => {
                     let protocol = if token == LISTENER.0 {
-                        st.datagram.as_ref().map(|ep| ep.protocol.clone_ref(py))
+                        st.datagram
+                            .as_ref()
+                            .and_then(|ep| ep.receiving(py).map(|p| p.clone_ref(py)))
                     } else {
                         conn_mut(&mut st.conns, token)
                             .and_then(|c| c.protocol.as_ref().map(|p| p.clone_ref(py)))
@@ -671,6 +724,9 @@ impl EventLoop {
                     let Some(ep) = st.datagram.as_ref() else {
                         continue;
                     };
+                    let Some(protocol) = ep.receiving(py) else {
+                        continue;
+                    };
                     if ep.native {
                         let data = &st.arena[start..start + len];
                         transport::queue_datagram(py, &ep.transport.get().core, data, addr);
@@ -679,20 +735,19 @@ impl EventLoop {
                     let data = PyBytes::new(py, &st.arena[start..start + len]);
                     let addr = address::to_python(py, &addr)?;
                     let result = catch_panic(|| {
-                        ep.protocol
-                            .call_method1(py, "datagram_received", (data, addr))
+                        protocol.call_method1(py, "datagram_received", (data, addr))
                     })
                     .map(drop);
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
                 Event::DatagramError(code) => {
-                    let Some(ep) = st.datagram.as_ref() else {
+                    let Some(protocol) = st.datagram.as_ref().and_then(|ep| ep.receiving(py))
+                    else {
                         continue;
                     };
                     let exc: PyErr = Error::Os(code).into();
                     let result = catch_panic(|| {
-                        ep.protocol
-                            .call_method1(py, "error_received", (exc.value(py),))
+                        protocol.call_method1(py, "error_received", (exc.value(py),))
                     })
                     .map(drop);
                     self.after_callback(py, st, LISTENER.0, result)?;
@@ -789,6 +844,9 @@ impl EventLoop {
     }
 
     fn on_lost(&self, py: Python<'_>, st: &mut LoopState, token: usize, why: Lost) -> PyResult<()> {
+        if token == LISTENER.0 {
+            return self.on_datagram_lost(py, st);
+        }
         let Some(slot) = st.conns.get_mut(token - FIRST_CONN) else {
             return Ok(());
         };
@@ -820,6 +878,27 @@ impl EventLoop {
                 conn.addr.clone_ref(py),
                 err,
             ),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The datagram endpoint ended (its transport closed): `connection_lost(None)`.
+    fn on_datagram_lost(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
+        let Some(ep) = st.datagram.as_mut() else {
+            return Ok(());
+        };
+        let Some(protocol) = ep.protocol.take() else {
+            return Ok(());
+        };
+        let transport = ep.transport.clone_ref(py);
+        let result =
+            catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),))).map(drop);
+        transport.get().core.release(py);
+        match result {
+            Ok(()) => Ok(()),
+            Err(err) if is_handled(py, &err) => {
+                self.report(py, transport.into_any(), py.None(), err)
+            }
             Err(err) => Err(err),
         }
     }
@@ -895,9 +974,10 @@ impl EventLoop {
         st.datagram = Some(DatagramEndpoint {
             chan,
             transport: transport.clone_ref(py),
-            protocol: protocol.clone_ref(py),
+            protocol: Some(protocol.clone_ref(py)),
             native: protocol.bind(py).is_instance_of::<NativeEcho>(),
             writable_interest: false,
+            ended: false,
         });
         let result =
             catch_panic(|| protocol.call_method1(py, "connection_made", (transport,))).map(drop);
@@ -1274,7 +1354,9 @@ impl EventLoop {
             conn.transport.get().core.release(py);
         }
         if let Some(ep) = datagram {
-            lost(&ep.protocol);
+            if let Some(protocol) = ep.protocol.as_ref() {
+                lost(protocol);
+            }
             ep.transport.get().core.release(py);
         }
         match first_err {

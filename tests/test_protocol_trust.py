@@ -325,3 +325,75 @@ def test_large_datagrams_are_delivered_whole(backend, kind, size):
     assert got == [payload, b"after"]
 
 
+# ---------------------------------------------------------------------------
+# 5. DatagramTransport.close() / abort()
+# ---------------------------------------------------------------------------
+
+class DgramCloser:
+    """On the first datagram: answer it, close (or abort) the transport, then send once
+    more. asyncio sends both datagrams at once (its transport tries every sendto right
+    away, and an unconnected endpoint accepts sendto until its connection_lost);
+    fastsocketserver queues them and sends them before it ends the endpoint."""
+
+    action = "close"
+
+    def datagram_received(self, data, addr):
+        super().datagram_received(data, addr)
+        t = self.transport
+        if self.rec.checks.get("closed"):
+            return
+        t.sendto(b"reply:" + data, addr)
+        getattr(t, type(self).action)()
+        self.rec.checks["closed"] = True
+        self.rec.checks["is_closing"] = t.is_closing()
+        try:
+            t.sendto(b"after " + type(self).action.encode(), addr)
+        except Exception as exc:
+            self.rec.checks["sendto_after"] = type(exc).__name__
+        else:
+            self.rec.checks["sendto_after"] = None
+
+
+@pytest.mark.parametrize("action", ["close", "abort"])
+def test_datagram_transport_close_and_abort(backend, action):
+    P = make_dgram_protocol(DgramCloser)
+    P.action = action
+    with running(backend, P, "udp") as r:
+        wait_conns(P.log, 1)
+        with r.dgram_client() as c:
+            c.sendto(b"one", r.address)
+            assert c.recvfrom(100)[0] == b"reply:one"
+            assert c.recvfrom(100)[0] == b"after " + action.encode()
+            wait_lost(P.log)
+            for i in range(3):
+                c.sendto(b"more%d" % i, r.address)
+            c.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                got = c.recvfrom(100)
+                raise AssertionError(f"the closed endpoint answered {got!r}")
+        lost_before_stop = tp.only_conn(P.log).seq()
+    rec = tp.only_conn(P.log)
+    assert lost_before_stop == ["connection_made", "datagram_received", "connection_lost(None)"]
+    assert rec.seq() == lost_before_stop, "callbacks after connection_lost"
+    assert rec.checks == {"closed": True, "is_closing": True, "sendto_after": None}
+
+
+def test_fast_datagram_close_leaves_the_server_socket_open():
+    """Closing the transport ends the endpoint, not the user's socket: the server keeps
+    its socket until server_close()."""
+    P = make_dgram_protocol(DgramCloser)
+    with running("fast", P, "udp") as r:
+        wait_conns(P.log, 1)
+        with r.dgram_client() as c:
+            c.sendto(b"one", r.address)
+            assert c.recvfrom(100)[0] == b"reply:one"
+            wait_lost(P.log)
+            assert c.recvfrom(100)[0] == b"after close"
+            assert r.server.socket.fileno() >= 0
+            c.sendto(b"for the user", r.address)
+            # the engine no longer reads the socket: the datagram waits for its owner
+            r.server.socket.settimeout(CLIENT_TIMEOUT)
+            assert r.server.socket.recvfrom(100)[0] == b"for the user"
+            r.server.socket.settimeout(None)
+
+
