@@ -12,6 +12,10 @@
 //!    `data_received`, `eof_received`, `connection_lost`, `resume_writing`,
 //!    `datagram_received`, `error_received`.
 //!
+//! `pause_reading()` is honoured at once: data (or the end of stream) already read in
+//! the round that paused is held in the connection, and delivered, in order and before
+//! anything read later, after `resume_reading()`.
+//!
 //! No system call is made with the GIL held on this path. An exception from a callback
 //! goes to the server's `handle_error` and aborts only that connection (as asyncio
 //! does); `KeyboardInterrupt`/`SystemExit` propagate, and the events not yet dispatched
@@ -80,6 +84,9 @@ enum Event {
     Eof(usize),
     Lost(usize, Lost),
     Resume(usize),
+    /// `resume_reading()` on a connection with received data (or its end of stream)
+    /// held while it was paused: deliver it, before anything read later.
+    Held(usize),
     Datagram(usize, usize, RawAddr),
     DatagramError(i32),
 }
@@ -90,17 +97,62 @@ struct Conn {
     chan: Arc<Channel>,
     transport: Py<BaseTransport>,
     protocol: Option<Py<PyAny>>,
-    on_data: Option<Py<PyAny>>,
-    /// The protocol is a `NativeEcho`: data is echoed without calling Python.
-    native: bool,
+    /// Where received data goes; None until the protocol is made.
+    sink: Option<Sink>,
     addr: Py<PyAny>,
     last_active: Instant,
     writable_interest: bool,
     eof_seen: bool,
     error: Option<PyErr>,
+    /// Data read before the protocol called `pause_reading()` (in the same round), held
+    /// for `resume_reading()`, in order; and whether the end of stream came after it.
+    held: Vec<u8>,
+    held_eof: bool,
+}
+
+/// How a connection's protocol takes received data.
+enum Sink {
+    /// A `NativeEcho`: the bytes are queued back without calling Python.
+    Native,
+    /// `data_received(bytes)` (the bound method).
+    Bytes(Py<PyAny>),
+}
+
+/// Whether received data may go to the protocol now.
+enum Gate {
+    Open,
+    /// Paused (or older data is held): keep it for `resume_reading()`.
+    Hold,
+    /// The transport is closing: nothing more is delivered.
+    Drop,
 }
 
 impl Conn {
+    /// The gate for data (or the end of stream) arriving now; `held_first`: data held
+    /// earlier must go first (false when delivering that held data).
+    fn gate(&self, py: Python<'_>, held_first: bool) -> Gate {
+        let cs = lock(py, &self.chan.state);
+        if cs.closing || cs.aborting || cs.closed {
+            Gate::Drop
+        } else if cs.read_paused || (held_first && (!self.held.is_empty() || self.held_eof)) {
+            Gate::Hold
+        } else {
+            Gate::Open
+        }
+    }
+
+    /// Hand `data` to the protocol.
+    fn deliver(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        match self.sink.as_ref() {
+            Some(Sink::Native) => transport::write_slice(py, &self.transport.get().core, data),
+            Some(Sink::Bytes(on_data)) => {
+                let data = PyBytes::new(py, data);
+                catch_panic(|| on_data.call1(py, (data,))).map(drop)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// The descriptor, while the connection is open (only the loop, which owns it,
     /// uses this number).
     fn fd(&self) -> Option<RawFd> {
@@ -491,6 +543,9 @@ impl EventLoop {
         }
         if cs.read_resumed {
             cs.read_resumed = false;
+            if !conn.held.is_empty() || conn.held_eof {
+                pending.push_back(Event::Held(token));
+            }
             retry_read.push(token);
         }
         while cs.out_pos < cs.out.len() {
@@ -668,42 +723,27 @@ impl EventLoop {
                     self.on_accepted(py, st, token, fd, &peer, &local)?
                 }
                 Event::Data(token, start, len) => {
-                    let Some(conn) = conn_mut(&mut st.conns, token) else {
+                    let LoopState { conns, arena, .. } = &mut *st;
+                    let Some(conn) = conn_mut(conns, token) else {
                         continue;
                     };
-                    let (Some(on_data), false) = (conn.on_data.as_ref(), conn.closed()) else {
+                    if conn.closed() || conn.sink.is_none() {
                         continue;
-                    };
-                    {
-                        let cs = lock(py, &conn.chan.state);
-                        if cs.closing || cs.aborting || cs.closed {
+                    }
+                    let data = &arena[start..start + len];
+                    match conn.gate(py, true) {
+                        Gate::Open => {}
+                        Gate::Hold => {
+                            conn.held.extend_from_slice(data);
                             continue;
                         }
+                        Gate::Drop => continue,
                     }
-                    let result = if conn.native {
-                        let data = &st.arena[start..start + len];
-                        transport::write_slice(py, &conn.transport.get().core, data)
-                    } else {
-                        let data = PyBytes::new(py, &st.arena[start..start + len]);
-                        catch_panic(|| on_data.call1(py, (data,))).map(drop)
-                    };
+                    let result = conn.deliver(py, data);
                     self.after_callback(py, st, token, result)?;
                 }
-                Event::Eof(token) => {
-                    let Some(conn) = conn_mut(&mut st.conns, token) else {
-                        continue;
-                    };
-                    let Some(protocol) = conn.protocol.as_ref() else {
-                        continue;
-                    };
-                    let result = catch_panic(|| protocol.call_method0(py, "eof_received"))
-                        .and_then(|keep| keep.is_truthy(py));
-                    match result {
-                        Ok(true) => {}
-                        Ok(false) => conn.transport.get().core.close(py),
-                        Err(err) => self.after_callback(py, st, token, Err(err))?,
-                    }
-                }
+                Event::Eof(token) => self.on_eof(py, st, token, true)?,
+                Event::Held(token) => self.on_held(py, st, token)?,
                 Event::Resume(token) => {
                     let protocol = if token == LISTENER.0 {
                         st.datagram
@@ -753,6 +793,71 @@ impl EventLoop {
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The peer's end of stream: `eof_received()`, unless reading is paused (then held
+    /// for `resume_reading()`) or the transport is closing.
+    fn on_eof(
+        &self,
+        py: Python<'_>,
+        st: &mut LoopState,
+        token: usize,
+        held_first: bool,
+    ) -> PyResult<()> {
+        let Some(conn) = conn_mut(&mut st.conns, token) else {
+            return Ok(());
+        };
+        let Some(protocol) = conn.protocol.as_ref() else {
+            return Ok(());
+        };
+        match conn.gate(py, held_first) {
+            Gate::Open => {}
+            Gate::Hold => {
+                conn.held_eof = true;
+                return Ok(());
+            }
+            Gate::Drop => return Ok(()),
+        }
+        let result = catch_panic(|| protocol.call_method0(py, "eof_received"))
+            .and_then(|keep| keep.is_truthy(py));
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                conn.transport.get().core.close(py);
+                Ok(())
+            }
+            Err(err) => self.after_callback(py, st, token, Err(err)),
+        }
+    }
+
+    /// Reading resumed: deliver what was held, then the held end of stream.
+    fn on_held(&self, py: Python<'_>, st: &mut LoopState, token: usize) -> PyResult<()> {
+        let Some(conn) = conn_mut(&mut st.conns, token) else {
+            return Ok(());
+        };
+        if conn.closed() {
+            return Ok(());
+        }
+        match conn.gate(py, false) {
+            Gate::Open => {}
+            Gate::Hold => return Ok(()), // paused again before this ran
+            Gate::Drop => {
+                conn.held = Vec::new();
+                conn.held_eof = false;
+                return Ok(());
+            }
+        }
+        let data = std::mem::take(&mut conn.held);
+        let eof = std::mem::take(&mut conn.held_eof);
+        if !data.is_empty() {
+            let result = conn.deliver(py, &data);
+            self.after_callback(py, st, token, result)?;
+        }
+        if eof {
+            // Paused again by that data_received: on_eof holds it once more.
+            self.on_eof(py, st, token, false)?;
         }
         Ok(())
     }
@@ -808,13 +913,14 @@ impl EventLoop {
             chan,
             transport: transport.clone_ref(py),
             protocol: None,
-            on_data: None,
-            native: false,
+            sink: None,
             addr: addr.clone_ref(py),
             last_active: Instant::now(),
             writable_interest: false,
             eof_seen: false,
             error: None,
+            held: Vec::new(),
+            held_eof: false,
         });
         if let Some(verify) = &self.verify {
             match catch_panic(|| verify.call1(py, (transport.clone_ref(py), addr.clone_ref(py))))
@@ -831,11 +937,14 @@ impl EventLoop {
         let made = catch_panic(|| -> PyResult<()> {
             let protocol = self.factory.call0(py)?;
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
-            let on_data = protocol.getattr(py, "data_received")?;
+            let sink = if protocol.bind(py).is_instance_of::<NativeEcho>() {
+                Sink::Native
+            } else {
+                Sink::Bytes(protocol.getattr(py, "data_received")?)
+            };
             if let Some(conn) = conn_mut(&mut st.conns, token) {
-                conn.native = protocol.bind(py).is_instance_of::<NativeEcho>();
                 conn.protocol = Some(protocol.clone_ref(py));
-                conn.on_data = Some(on_data);
+                conn.sink = Some(sink);
             }
             protocol.call_method1(py, "connection_made", (transport.clone_ref(py),))?;
             Ok(())

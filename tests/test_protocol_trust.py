@@ -397,3 +397,86 @@ def test_fast_datagram_close_leaves_the_server_socket_open():
             r.server.socket.settimeout(None)
 
 
+# ---------------------------------------------------------------------------
+# 6. pause_reading() holds data_received and eof_received
+# ---------------------------------------------------------------------------
+
+class Settle:
+    """Holds the loop in connection_made until the client has sent everything (data
+    and FIN), so that the first read finds the data and the end of stream together."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        time.sleep(0.1)
+
+
+class PauseAtFirstData(Settle):
+    """A proxy's shape: the first data_received stops reading (downstream is full);
+    the test resumes it later."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        if not self.rec.checks.get("paused"):
+            self.rec.checks["paused"] = True
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        super().eof_received()
+        self.transport.write(b"%d" % len(self.rec.data))
+        return False
+
+
+@pytest.mark.parametrize("size", [100, 300_000])
+def test_pause_reading_holds_data_and_eof_until_resume(backend, size):
+    P = make_protocol(PauseAtFirstData)
+    payload = bytes(range(256)) * (size // 256 + 1)
+    payload = payload[:size]
+    with running(backend, P) as r:
+        with r.connect() as c:
+            # data and FIN together: the server may read both in one go
+            sender = send_in_background(c, payload)
+            assert wait_until(lambda: P.log.count("data_received") >= 1)
+            time.sleep(0.3)
+            rec = tp.only_conn(P.log)
+            while_paused = rec.names()
+            assert call_soon(r, rec.transport.is_reading) is False
+            call_soon(r, rec.transport.resume_reading)
+            assert recv_until_eof(c) == b"%d" % size
+            sender.join(ROUND_TIMEOUT)
+        wait_lost(P.log)
+    assert while_paused == ["connection_made", "data_received"], while_paused
+    assert bytes(rec.data) == payload
+    assert rec.seq() == ["connection_made", "data_received", "eof_received",
+                         "connection_lost(None)"]
+
+
+class PauseEveryChunk(Settle):
+    """Pauses after every data_received; the test resumes it each time, so every
+    chunk must come alone, in order."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        self.transport.pause_reading()
+
+
+def test_pause_reading_after_every_chunk_keeps_order(backend):
+    P = make_protocol(PauseEveryChunk)
+    payload = bytes(range(256)) * 4000
+    with running(backend, P) as r:
+        with r.connect() as c:
+            sender = send_in_background(c, payload)
+            assert wait_until(lambda: P.log.count("data_received") >= 1)
+            rec = tp.only_conn(P.log)
+            deadline = time.monotonic() + 20
+            while not rec.lost and time.monotonic() < deadline:
+                n = P.log.count("data_received")
+                time.sleep(0.002)
+                assert P.log.count("data_received") == n, "data_received while paused"
+                call_soon(r, rec.transport.resume_reading)
+                wait_until(lambda: P.log.count("data_received") > n or rec.lost, 2)
+            sender.join(ROUND_TIMEOUT)
+        wait_lost(P.log)
+    assert bytes(rec.data) == payload
+    assert rec.seq()[-2:] == ["eof_received", "connection_lost(None)"]
+
+
