@@ -12,6 +12,10 @@
 //!    `data_received`, `eof_received`, `connection_lost`, `resume_writing`,
 //!    `datagram_received`, `error_received`.
 //!
+//! `pause_reading()` is honoured at once: data (or the end of stream) already read in
+//! the round that paused is held in the connection, and delivered, in order and before
+//! anything read later, after `resume_reading()`.
+//!
 //! No system call is made with the GIL held on this path. An exception from a callback
 //! goes to the server's `handle_error` and aborts only that connection (as asyncio
 //! does); `KeyboardInterrupt`/`SystemExit` propagate, and the events not yet dispatched
@@ -80,6 +84,9 @@ enum Event {
     Eof(usize),
     Lost(usize, Lost),
     Resume(usize),
+    /// `resume_reading()` on a connection with received data (or its end of stream)
+    /// held while it was paused: deliver it, before anything read later.
+    Held(usize),
     Datagram(usize, usize, RawAddr),
     DatagramError(i32),
 }
@@ -90,17 +97,62 @@ struct Conn {
     chan: Arc<Channel>,
     transport: Py<BaseTransport>,
     protocol: Option<Py<PyAny>>,
-    on_data: Option<Py<PyAny>>,
-    /// The protocol is a `NativeEcho`: data is echoed without calling Python.
-    native: bool,
+    /// Where received data goes; None until the protocol is made.
+    sink: Option<Sink>,
     addr: Py<PyAny>,
     last_active: Instant,
     writable_interest: bool,
     eof_seen: bool,
     error: Option<PyErr>,
+    /// Data read before the protocol called `pause_reading()` (in the same round), held
+    /// for `resume_reading()`, in order; and whether the end of stream came after it.
+    held: Vec<u8>,
+    held_eof: bool,
+}
+
+/// How a connection's protocol takes received data.
+enum Sink {
+    /// A `NativeEcho`: the bytes are queued back without calling Python.
+    Native,
+    /// `data_received(bytes)` (the bound method).
+    Bytes(Py<PyAny>),
+}
+
+/// Whether received data may go to the protocol now.
+enum Gate {
+    Open,
+    /// Paused (or older data is held): keep it for `resume_reading()`.
+    Hold,
+    /// The transport is closing: nothing more is delivered.
+    Drop,
 }
 
 impl Conn {
+    /// The gate for data (or the end of stream) arriving now; `held_first`: data held
+    /// earlier must go first (false when delivering that held data).
+    fn gate(&self, py: Python<'_>, held_first: bool) -> Gate {
+        let cs = lock(py, &self.chan.state);
+        if cs.closing || cs.aborting || cs.closed {
+            Gate::Drop
+        } else if cs.read_paused || (held_first && (!self.held.is_empty() || self.held_eof)) {
+            Gate::Hold
+        } else {
+            Gate::Open
+        }
+    }
+
+    /// Hand `data` to the protocol.
+    fn deliver(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        match self.sink.as_ref() {
+            Some(Sink::Native) => transport::write_slice(py, &self.transport.get().core, data),
+            Some(Sink::Bytes(on_data)) => {
+                let data = PyBytes::new(py, data);
+                catch_panic(|| on_data.call1(py, (data,))).map(drop)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// The descriptor, while the connection is open (only the loop, which owns it,
     /// uses this number).
     fn fd(&self) -> Option<RawFd> {
@@ -112,13 +164,33 @@ impl Conn {
     }
 }
 
+/// The protocol of a datagram server and its transport.
+///
+/// `transport.close()`/`abort()` end the endpoint as in asyncio: no more
+/// `datagram_received`, then `connection_lost(None)`. The socket is the server's (the
+/// user's `server.socket`), so ending the endpoint stops the loop using it (it is taken
+/// out of the poller and never read again) but does not close it: that stays
+/// `server_close()`'s job.
 struct DatagramEndpoint {
     chan: Arc<Channel>,
     transport: Py<BaseTransport>,
-    protocol: Py<PyAny>,
+    /// None once the protocol got its `connection_lost`.
+    protocol: Option<Py<PyAny>>,
     /// The protocol is a `NativeEcho`.
     native: bool,
     writable_interest: bool,
+    /// Ended by the transport's `close()`/`abort()`: out of the poller.
+    ended: bool,
+}
+
+impl DatagramEndpoint {
+    /// The protocol, while it is to get datagrams (the transport is not closing).
+    fn receiving(&self, py: Python<'_>) -> Option<&Py<PyAny>> {
+        let cs = lock(py, &self.chan.state);
+        let open = !(cs.closing || cs.aborting || cs.closed);
+        drop(cs);
+        self.protocol.as_ref().filter(|_| open)
+    }
 }
 
 struct LoopState {
@@ -316,6 +388,15 @@ impl EventLoop {
     /// whole: a buffer as large as the datagram, never a silent cut (a datagram that
     /// still came cut, `MSG_TRUNC`, is reported to `error_received` as `EMSGSIZE`).
     fn receive_datagrams(&self, st: &mut LoopState) {
+        let reading = st.datagram.as_ref().is_some_and(|ep| {
+            let cs = ep.chan.state.lock().unwrap_or_else(|p| p.into_inner());
+            !(ep.ended || cs.closing || cs.aborting || cs.closed)
+        });
+        if !reading {
+            // Closing: what is queued stays in the socket for its owner.
+            st.listener_ready = false;
+            return;
+        }
         let inet = self.family == libc::AF_INET || self.family == libc::AF_INET6;
         for _ in 0..DATAGRAM_BUDGET {
             let start = st.arena.len();
@@ -462,6 +543,9 @@ impl EventLoop {
         }
         if cs.read_resumed {
             cs.read_resumed = false;
+            if !conn.held.is_empty() || conn.held_eof {
+                pending.push_back(Event::Held(token));
+            }
             retry_read.push(token);
         }
         while cs.out_pos < cs.out.len() {
@@ -532,11 +616,15 @@ impl EventLoop {
             datagram,
             pending,
             poll,
+            listener_ready,
             ..
         } = st;
         let Some(ep) = datagram.as_mut() else {
             return Ok(());
         };
+        if ep.ended {
+            return Ok(());
+        }
         let chan = ep.chan.clone();
         let mut cs = chan.state.lock().unwrap_or_else(|p| p.into_inner());
         cs.queued = false;
@@ -553,6 +641,24 @@ impl EventLoop {
                     }
                 }
             }
+        }
+        if cs.aborting {
+            // What the socket did not take at once is dropped.
+            cs.datagrams.clear();
+            cs.datagram_bytes = 0;
+        }
+        if cs.aborting || (cs.closing && cs.datagrams.is_empty()) {
+            // The endpoint ends: out of the poller, never read again, and the protocol
+            // is told. The socket itself stays open: it is the server's.
+            cs.closed = true;
+            drop(cs);
+            if let Some(poll) = poll.as_ref() {
+                let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
+            }
+            ep.ended = true;
+            *listener_ready = false;
+            pending.push_back(Event::Lost(LISTENER.0, Lost::Clean));
+            return Ok(());
         }
         let left = after_flush(&mut cs, pending, LISTENER.0);
         watch_writable(
@@ -617,45 +723,32 @@ impl EventLoop {
                     self.on_accepted(py, st, token, fd, &peer, &local)?
                 }
                 Event::Data(token, start, len) => {
-                    let Some(conn) = conn_mut(&mut st.conns, token) else {
+                    let LoopState { conns, arena, .. } = &mut *st;
+                    let Some(conn) = conn_mut(conns, token) else {
                         continue;
                     };
-                    let (Some(on_data), false) = (conn.on_data.as_ref(), conn.closed()) else {
+                    if conn.closed() || conn.sink.is_none() {
                         continue;
-                    };
-                    {
-                        let cs = lock(py, &conn.chan.state);
-                        if cs.closing || cs.aborting || cs.closed {
+                    }
+                    let data = &arena[start..start + len];
+                    match conn.gate(py, true) {
+                        Gate::Open => {}
+                        Gate::Hold => {
+                            conn.held.extend_from_slice(data);
                             continue;
                         }
+                        Gate::Drop => continue,
                     }
-                    let result = if conn.native {
-                        let data = &st.arena[start..start + len];
-                        transport::write_slice(py, &conn.transport.get().core, data)
-                    } else {
-                        let data = PyBytes::new(py, &st.arena[start..start + len]);
-                        catch_panic(|| on_data.call1(py, (data,))).map(drop)
-                    };
+                    let result = conn.deliver(py, data);
                     self.after_callback(py, st, token, result)?;
                 }
-                Event::Eof(token) => {
-                    let Some(conn) = conn_mut(&mut st.conns, token) else {
-                        continue;
-                    };
-                    let Some(protocol) = conn.protocol.as_ref() else {
-                        continue;
-                    };
-                    let result = catch_panic(|| protocol.call_method0(py, "eof_received"))
-                        .and_then(|keep| keep.is_truthy(py));
-                    match result {
-                        Ok(true) => {}
-                        Ok(false) => conn.transport.get().core.close(py),
-                        Err(err) => self.after_callback(py, st, token, Err(err))?,
-                    }
-                }
+                Event::Eof(token) => self.on_eof(py, st, token, true)?,
+                Event::Held(token) => self.on_held(py, st, token)?,
                 Event::Resume(token) => {
                     let protocol = if token == LISTENER.0 {
-                        st.datagram.as_ref().map(|ep| ep.protocol.clone_ref(py))
+                        st.datagram
+                            .as_ref()
+                            .and_then(|ep| ep.receiving(py).map(|p| p.clone_ref(py)))
                     } else {
                         conn_mut(&mut st.conns, token)
                             .and_then(|c| c.protocol.as_ref().map(|p| p.clone_ref(py)))
@@ -671,6 +764,9 @@ impl EventLoop {
                     let Some(ep) = st.datagram.as_ref() else {
                         continue;
                     };
+                    let Some(protocol) = ep.receiving(py) else {
+                        continue;
+                    };
                     if ep.native {
                         let data = &st.arena[start..start + len];
                         transport::queue_datagram(py, &ep.transport.get().core, data, addr);
@@ -679,25 +775,89 @@ impl EventLoop {
                     let data = PyBytes::new(py, &st.arena[start..start + len]);
                     let addr = address::to_python(py, &addr)?;
                     let result = catch_panic(|| {
-                        ep.protocol
-                            .call_method1(py, "datagram_received", (data, addr))
+                        protocol.call_method1(py, "datagram_received", (data, addr))
                     })
                     .map(drop);
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
                 Event::DatagramError(code) => {
-                    let Some(ep) = st.datagram.as_ref() else {
+                    let Some(protocol) = st.datagram.as_ref().and_then(|ep| ep.receiving(py))
+                    else {
                         continue;
                     };
                     let exc: PyErr = Error::Os(code).into();
                     let result = catch_panic(|| {
-                        ep.protocol
-                            .call_method1(py, "error_received", (exc.value(py),))
+                        protocol.call_method1(py, "error_received", (exc.value(py),))
                     })
                     .map(drop);
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The peer's end of stream: `eof_received()`, unless reading is paused (then held
+    /// for `resume_reading()`) or the transport is closing.
+    fn on_eof(
+        &self,
+        py: Python<'_>,
+        st: &mut LoopState,
+        token: usize,
+        held_first: bool,
+    ) -> PyResult<()> {
+        let Some(conn) = conn_mut(&mut st.conns, token) else {
+            return Ok(());
+        };
+        let Some(protocol) = conn.protocol.as_ref() else {
+            return Ok(());
+        };
+        match conn.gate(py, held_first) {
+            Gate::Open => {}
+            Gate::Hold => {
+                conn.held_eof = true;
+                return Ok(());
+            }
+            Gate::Drop => return Ok(()),
+        }
+        let result = catch_panic(|| protocol.call_method0(py, "eof_received"))
+            .and_then(|keep| keep.is_truthy(py));
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                conn.transport.get().core.close(py);
+                Ok(())
+            }
+            Err(err) => self.after_callback(py, st, token, Err(err)),
+        }
+    }
+
+    /// Reading resumed: deliver what was held, then the held end of stream.
+    fn on_held(&self, py: Python<'_>, st: &mut LoopState, token: usize) -> PyResult<()> {
+        let Some(conn) = conn_mut(&mut st.conns, token) else {
+            return Ok(());
+        };
+        if conn.closed() {
+            return Ok(());
+        }
+        match conn.gate(py, false) {
+            Gate::Open => {}
+            Gate::Hold => return Ok(()), // paused again before this ran
+            Gate::Drop => {
+                conn.held = Vec::new();
+                conn.held_eof = false;
+                return Ok(());
+            }
+        }
+        let data = std::mem::take(&mut conn.held);
+        let eof = std::mem::take(&mut conn.held_eof);
+        if !data.is_empty() {
+            let result = conn.deliver(py, &data);
+            self.after_callback(py, st, token, result)?;
+        }
+        if eof {
+            // Paused again by that data_received: on_eof holds it once more.
+            self.on_eof(py, st, token, false)?;
         }
         Ok(())
     }
@@ -753,13 +913,14 @@ impl EventLoop {
             chan,
             transport: transport.clone_ref(py),
             protocol: None,
-            on_data: None,
-            native: false,
+            sink: None,
             addr: addr.clone_ref(py),
             last_active: Instant::now(),
             writable_interest: false,
             eof_seen: false,
             error: None,
+            held: Vec::new(),
+            held_eof: false,
         });
         if let Some(verify) = &self.verify {
             match catch_panic(|| verify.call1(py, (transport.clone_ref(py), addr.clone_ref(py))))
@@ -776,11 +937,14 @@ impl EventLoop {
         let made = catch_panic(|| -> PyResult<()> {
             let protocol = self.factory.call0(py)?;
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
-            let on_data = protocol.getattr(py, "data_received")?;
+            let sink = if protocol.bind(py).is_instance_of::<NativeEcho>() {
+                Sink::Native
+            } else {
+                Sink::Bytes(protocol.getattr(py, "data_received")?)
+            };
             if let Some(conn) = conn_mut(&mut st.conns, token) {
-                conn.native = protocol.bind(py).is_instance_of::<NativeEcho>();
                 conn.protocol = Some(protocol.clone_ref(py));
-                conn.on_data = Some(on_data);
+                conn.sink = Some(sink);
             }
             protocol.call_method1(py, "connection_made", (transport.clone_ref(py),))?;
             Ok(())
@@ -789,6 +953,9 @@ impl EventLoop {
     }
 
     fn on_lost(&self, py: Python<'_>, st: &mut LoopState, token: usize, why: Lost) -> PyResult<()> {
+        if token == LISTENER.0 {
+            return self.on_datagram_lost(py, st);
+        }
         let Some(slot) = st.conns.get_mut(token - FIRST_CONN) else {
             return Ok(());
         };
@@ -820,6 +987,27 @@ impl EventLoop {
                 conn.addr.clone_ref(py),
                 err,
             ),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The datagram endpoint ended (its transport closed): `connection_lost(None)`.
+    fn on_datagram_lost(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
+        let Some(ep) = st.datagram.as_mut() else {
+            return Ok(());
+        };
+        let Some(protocol) = ep.protocol.take() else {
+            return Ok(());
+        };
+        let transport = ep.transport.clone_ref(py);
+        let result =
+            catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),))).map(drop);
+        transport.get().core.release(py);
+        match result {
+            Ok(()) => Ok(()),
+            Err(err) if is_handled(py, &err) => {
+                self.report(py, transport.into_any(), py.None(), err)
+            }
             Err(err) => Err(err),
         }
     }
@@ -895,9 +1083,10 @@ impl EventLoop {
         st.datagram = Some(DatagramEndpoint {
             chan,
             transport: transport.clone_ref(py),
-            protocol: protocol.clone_ref(py),
+            protocol: Some(protocol.clone_ref(py)),
             native: protocol.bind(py).is_instance_of::<NativeEcho>(),
             writable_interest: false,
+            ended: false,
         });
         let result =
             catch_panic(|| protocol.call_method1(py, "connection_made", (transport,))).map(drop);
@@ -1274,7 +1463,9 @@ impl EventLoop {
             conn.transport.get().core.release(py);
         }
         if let Some(ep) = datagram {
-            lost(&ep.protocol);
+            if let Some(protocol) = ep.protocol.as_ref() {
+                lost(protocol);
+            }
             ep.transport.get().core.release(py);
         }
         match first_err {

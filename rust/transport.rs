@@ -478,10 +478,14 @@ pub fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResul
 }
 
 /// Queue a datagram to `raw` on a datagram transport (what `sendto()` does).
+///
+/// Accepted until the endpoint has ended, also after `close()`/`abort()`: asyncio's
+/// unconnected endpoint sends every `sendto` until its `connection_lost`, and the loop
+/// sends what is queued here before it ends the endpoint. Ignored afterwards.
 pub fn queue_datagram(py: Python<'_>, core: &TransportCore, data: &[u8], raw: RawAddr) {
     {
         let mut st = lock(py, &core.chan.state);
-        if st.closing || st.aborting || st.closed {
+        if st.closed {
             return;
         }
         st.datagram_bytes += data.len();

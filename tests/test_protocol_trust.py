@@ -325,3 +325,158 @@ def test_large_datagrams_are_delivered_whole(backend, kind, size):
     assert got == [payload, b"after"]
 
 
+# ---------------------------------------------------------------------------
+# 5. DatagramTransport.close() / abort()
+# ---------------------------------------------------------------------------
+
+class DgramCloser:
+    """On the first datagram: answer it, close (or abort) the transport, then send once
+    more. asyncio sends both datagrams at once (its transport tries every sendto right
+    away, and an unconnected endpoint accepts sendto until its connection_lost);
+    fastsocketserver queues them and sends them before it ends the endpoint."""
+
+    action = "close"
+
+    def datagram_received(self, data, addr):
+        super().datagram_received(data, addr)
+        t = self.transport
+        if self.rec.checks.get("closed"):
+            return
+        t.sendto(b"reply:" + data, addr)
+        getattr(t, type(self).action)()
+        self.rec.checks["closed"] = True
+        self.rec.checks["is_closing"] = t.is_closing()
+        try:
+            t.sendto(b"after " + type(self).action.encode(), addr)
+        except Exception as exc:
+            self.rec.checks["sendto_after"] = type(exc).__name__
+        else:
+            self.rec.checks["sendto_after"] = None
+
+
+@pytest.mark.parametrize("action", ["close", "abort"])
+def test_datagram_transport_close_and_abort(backend, action):
+    P = make_dgram_protocol(DgramCloser)
+    P.action = action
+    with running(backend, P, "udp") as r:
+        wait_conns(P.log, 1)
+        with r.dgram_client() as c:
+            c.sendto(b"one", r.address)
+            assert c.recvfrom(100)[0] == b"reply:one"
+            assert c.recvfrom(100)[0] == b"after " + action.encode()
+            wait_lost(P.log)
+            for i in range(3):
+                c.sendto(b"more%d" % i, r.address)
+            c.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                got = c.recvfrom(100)
+                raise AssertionError(f"the closed endpoint answered {got!r}")
+        lost_before_stop = tp.only_conn(P.log).seq()
+    rec = tp.only_conn(P.log)
+    assert lost_before_stop == ["connection_made", "datagram_received", "connection_lost(None)"]
+    assert rec.seq() == lost_before_stop, "callbacks after connection_lost"
+    assert rec.checks == {"closed": True, "is_closing": True, "sendto_after": None}
+
+
+def test_fast_datagram_close_leaves_the_server_socket_open():
+    """Closing the transport ends the endpoint, not the user's socket: the server keeps
+    its socket until server_close()."""
+    P = make_dgram_protocol(DgramCloser)
+    with running("fast", P, "udp") as r:
+        wait_conns(P.log, 1)
+        with r.dgram_client() as c:
+            c.sendto(b"one", r.address)
+            assert c.recvfrom(100)[0] == b"reply:one"
+            wait_lost(P.log)
+            assert c.recvfrom(100)[0] == b"after close"
+            assert r.server.socket.fileno() >= 0
+            c.sendto(b"for the user", r.address)
+            # the engine no longer reads the socket: the datagram waits for its owner
+            r.server.socket.settimeout(CLIENT_TIMEOUT)
+            assert r.server.socket.recvfrom(100)[0] == b"for the user"
+            r.server.socket.settimeout(None)
+
+
+# ---------------------------------------------------------------------------
+# 6. pause_reading() holds data_received and eof_received
+# ---------------------------------------------------------------------------
+
+class Settle:
+    """Holds the loop in connection_made until the client has sent everything (data
+    and FIN), so that the first read finds the data and the end of stream together."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        time.sleep(0.1)
+
+
+class PauseAtFirstData(Settle):
+    """A proxy's shape: the first data_received stops reading (downstream is full);
+    the test resumes it later."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        if not self.rec.checks.get("paused"):
+            self.rec.checks["paused"] = True
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        super().eof_received()
+        self.transport.write(b"%d" % len(self.rec.data))
+        return False
+
+
+@pytest.mark.parametrize("size", [100, 300_000])
+def test_pause_reading_holds_data_and_eof_until_resume(backend, size):
+    P = make_protocol(PauseAtFirstData)
+    payload = bytes(range(256)) * (size // 256 + 1)
+    payload = payload[:size]
+    with running(backend, P) as r:
+        with r.connect() as c:
+            # data and FIN together: the server may read both in one go
+            sender = send_in_background(c, payload)
+            assert wait_until(lambda: P.log.count("data_received") >= 1)
+            time.sleep(0.3)
+            rec = tp.only_conn(P.log)
+            while_paused = rec.names()
+            assert call_soon(r, rec.transport.is_reading) is False
+            call_soon(r, rec.transport.resume_reading)
+            assert recv_until_eof(c) == b"%d" % size
+            sender.join(ROUND_TIMEOUT)
+        wait_lost(P.log)
+    assert while_paused == ["connection_made", "data_received"], while_paused
+    assert bytes(rec.data) == payload
+    assert rec.seq() == ["connection_made", "data_received", "eof_received",
+                         "connection_lost(None)"]
+
+
+class PauseEveryChunk(Settle):
+    """Pauses after every data_received; the test resumes it each time, so every
+    chunk must come alone, in order."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        self.transport.pause_reading()
+
+
+def test_pause_reading_after_every_chunk_keeps_order(backend):
+    P = make_protocol(PauseEveryChunk)
+    payload = bytes(range(256)) * 4000
+    with running(backend, P) as r:
+        with r.connect() as c:
+            sender = send_in_background(c, payload)
+            assert wait_until(lambda: P.log.count("data_received") >= 1)
+            rec = tp.only_conn(P.log)
+            deadline = time.monotonic() + 20
+            while not rec.lost and time.monotonic() < deadline:
+                n = P.log.count("data_received")
+                time.sleep(0.002)
+                assert P.log.count("data_received") == n, "data_received while paused"
+                call_soon(r, rec.transport.resume_reading)
+                wait_until(lambda: P.log.count("data_received") > n or rec.lost, 2)
+            sender.join(ROUND_TIMEOUT)
+        wait_lost(P.log)
+    assert bytes(rec.data) == payload
+    assert rec.seq()[-2:] == ["eof_received", "connection_lost(None)"]
+
+
