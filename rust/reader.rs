@@ -5,9 +5,9 @@
 //! a buffered `wfile` queued on the connection (DESIGN.md §5).
 //! Semantics follow `socket.makefile('rb', n)`: `read(n)` waits for `n` bytes or EOF,
 //! `read1` returns what one receive gives, `readline(limit)`, `readlines(hint)`,
-//! `readinto`, `peek`, iteration. A buffer size of 0 gives the unbuffered `SocketIO`
-//! behaviour (one `recv` per `read`, `readline` never reads past the newline). After a
-//! timeout the reader refuses further reads, as `socket.SocketIO` does.
+//! `readinto`, `peek`, iteration. The buffer size is at least 1 (`makefile('rb', 0)`
+//! gives the stdlib's own raw `socket.SocketIO` instead). After a timeout the reader
+//! refuses further reads, as `socket.SocketIO` does.
 
 use crate::buffer::RawBuffer;
 use crate::descriptor::SocketCore;
@@ -16,6 +16,7 @@ use crate::wait::{blocking, lock};
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// How much `read()` asks the kernel for at a time when reading to end of stream.
@@ -59,7 +60,9 @@ pub struct SocketReader {
 }
 
 impl SocketReader {
+    /// A reader buffering up to `bufsize` bytes (at least 1).
     pub fn new(core: Arc<SocketCore>, bufsize: usize) -> SocketReader {
+        debug_assert!(bufsize > 0);
         core.add_io_ref();
         SocketReader {
             core,
@@ -72,10 +75,6 @@ impl SocketReader {
                 timed_out: false,
             }),
         }
-    }
-
-    fn raw(&self) -> bool {
-        self.bufsize == 0
     }
 
     fn open_state(&self, py: Python<'_>, what: &str) -> PyResult<MutexGuard<'_, ReaderState>> {
@@ -149,13 +148,7 @@ impl SocketReader {
         st: &mut ReaderState,
         n: usize,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let have = if self.raw() && st.available() == 0 && n > 0 {
-            self.fill(py, st, n)?
-        } else if self.raw() {
-            st.available()
-        } else {
-            self.fill_to(py, st, n)?
-        };
+        let have = self.fill_to(py, st, n)?;
         let out = PyBytes::new(py, st.take(have.min(n)));
         st.reset_if_empty();
         Ok(out)
@@ -167,11 +160,7 @@ impl SocketReader {
         st: &mut ReaderState,
         n: Option<usize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let n = n.unwrap_or(if self.raw() {
-            crate::connection::DEFAULT_BUFFER_SIZE
-        } else {
-            self.bufsize
-        });
+        let n = n.unwrap_or(self.bufsize);
         if n > 0 && st.available() == 0 {
             self.fill(py, st, n.max(self.bufsize))?;
         }
@@ -207,8 +196,7 @@ impl SocketReader {
                 return Ok(out);
             }
             st.scanned = avail.len();
-            let want = if self.raw() { 1 } else { self.bufsize };
-            if self.fill(py, st, want)? == 0 {
+            if self.fill(py, st, self.bufsize)? == 0 {
                 st.scanned = 0;
                 let n = st.available();
                 let out = PyBytes::new(py, st.take(n));
@@ -226,10 +214,6 @@ impl SocketReader {
             if want > 0 && st.available() == 0 {
                 self.fill(py, &mut st, want.max(self.bufsize))?;
             }
-            st.available()
-        } else if self.raw() && st.available() == 0 && want > 0 {
-            self.fill(py, &mut st, want)?
-        } else if self.raw() {
             st.available()
         } else {
             self.fill_to(py, &mut st, want)?
@@ -319,8 +303,7 @@ impl SocketReader {
         let _ = size;
         let mut st = self.open_state(py, "peek")?;
         if st.available() == 0 {
-            let want = self.bufsize.max(1);
-            self.fill(py, &mut st, want)?;
+            self.fill(py, &mut st, self.bufsize)?;
         }
         Ok(PyBytes::new(py, &st.buf[st.pos..]))
     }
@@ -354,9 +337,9 @@ impl SocketReader {
         Ok(true)
     }
 
-    fn writable(&self, py: Python<'_>) -> PyResult<bool> {
-        self.open_state(py, "I/O operation").map(drop)?;
-        Ok(false)
+    /// False, open or closed, as `io.BufferedReader.writable`.
+    fn writable(&self) -> bool {
+        false
     }
 
     fn seekable(&self, py: Python<'_>) -> PyResult<bool> {
@@ -395,6 +378,16 @@ impl SocketReader {
     #[getter]
     fn mode(&self) -> &'static str {
         "rb"
+    }
+
+    /// The descriptor while open, -1 once closed (as `BufferedReader.name` over a
+    /// `SocketIO`).
+    #[getter]
+    fn name(&self, py: Python<'_>) -> RawFd {
+        match lock(py, &self.state).closed {
+            true => -1,
+            false => self.core.fileno(),
+        }
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
