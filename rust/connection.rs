@@ -150,7 +150,7 @@ impl Connection {
         nbytes: isize,
         flags: i32,
     ) -> PyResult<usize> {
-        let buf = RawBuffer::get(buffer, true)?;
+        let buf = RawBuffer::writable(buffer, "recv_into() argument 1")?;
         let n = check_size(nbytes, "recv_into")?;
         if n > buf.len() {
             return Err(PyValueError::new_err(

@@ -13,7 +13,7 @@ use crate::buffer::RawBuffer;
 use crate::descriptor::SocketCore;
 use crate::syscall;
 use crate::wait::{blocking, lock};
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use std::os::fd::RawFd;
@@ -207,7 +207,8 @@ impl SocketReader {
     }
 
     fn copy_into(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>, one: bool) -> PyResult<usize> {
-        let target = RawBuffer::get(buffer, true)?;
+        let what = if one { "readinto1()" } else { "readinto()" };
+        let target = RawBuffer::writable(buffer, &format!("{what} argument"))?;
         let mut st = self.open_state(py, "readinto")?;
         let want = target.len();
         let have = if one {
@@ -241,37 +242,86 @@ impl SocketReader {
     }
 }
 
-fn size_arg(size: Option<isize>) -> Option<usize> {
+/// A size argument that may be None, as `io` parses it for `read`, `readline` and
+/// `readlines`: None, or anything with `__index__` (`TypeError` otherwise,
+/// `OverflowError` past the index range).
+fn optional_size(arg: Option<&Bound<'_, PyAny>>) -> PyResult<Option<isize>> {
+    let Some(arg) = arg else {
+        return Ok(None);
+    };
+    // SAFETY: `arg` is a live object; the check only reads its type's slots.
+    if unsafe { pyo3::ffi::PyIndex_Check(arg.as_ptr()) } == 0 {
+        return Err(PyTypeError::new_err(format!(
+            "argument should be integer or None, not '{}'",
+            arg.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        )));
+    }
+    arg.extract::<isize>().map(Some).map_err(|err| {
+        match err.is_instance_of::<PyOverflowError>(arg.py()) {
+            true => PyOverflowError::new_err("cannot fit 'int' into an index-sized integer"),
+            false => err,
+        }
+    })
+}
+
+/// A limit that is none when negative (`readline`, `read1`).
+fn limit(size: Option<isize>) -> Option<usize> {
     size.filter(|&n| n >= 0).map(|n| n as usize)
 }
 
 #[pymethods]
 impl SocketReader {
+    /// `read()`, `read(None)`, `read(-1)`: to end of stream; `read(n)`: `n` bytes or
+    /// what there is before the end. Other negative sizes are a `ValueError`.
     #[pyo3(signature = (size = None))]
-    fn read<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        size: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let size = optional_size(size)?;
+        if size.is_some_and(|n| n < -1) {
+            return Err(PyValueError::new_err(
+                "read length must be non-negative or -1",
+            ));
+        }
         let mut st = self.open_state(py, "read")?;
-        match size_arg(size) {
+        match limit(size) {
             None => self.read_all(py, &mut st),
             Some(n) => self.read_n(py, &mut st, n),
         }
     }
 
-    #[pyo3(signature = (size = None))]
-    fn read1<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    /// At most `size` bytes from one receive at most; a negative size means the
+    /// buffer size. `size` must be an integer (`None` is a `TypeError`, as in `io`).
+    #[pyo3(signature = (size = -1))]
+    fn read1<'py>(&self, py: Python<'py>, size: isize) -> PyResult<Bound<'py, PyBytes>> {
         let mut st = self.open_state(py, "read")?;
-        self.read1_n(py, &mut st, size_arg(size))
+        self.read1_n(py, &mut st, limit(Some(size)))
     }
 
     #[pyo3(signature = (size = None))]
-    fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn readline<'py>(
+        &self,
+        py: Python<'py>,
+        size: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let size = limit(optional_size(size)?);
         let mut st = self.open_state(py, "readline")?;
-        self.readline_limit(py, &mut st, size_arg(size))
+        self.readline_limit(py, &mut st, size)
     }
 
     #[pyo3(signature = (hint = None))]
-    fn readlines<'py>(&self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
+    fn readlines<'py>(
+        &self,
+        py: Python<'py>,
+        hint: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let hint = limit(optional_size(hint)?).filter(|&h| h > 0);
         let mut st = self.open_state(py, "readline")?;
-        let hint = size_arg(hint).filter(|&h| h > 0);
         let lines = PyList::empty(py);
         let mut total = 0usize;
         loop {
