@@ -2,6 +2,7 @@
 //! `socket` module), so any buffer exporter is accepted and its memory stays pinned
 //! while a detached system call reads or writes it.
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::mem::MaybeUninit;
@@ -24,15 +25,35 @@ impl SendPtr {
 }
 
 impl RawBuffer {
-    /// Export `obj`'s buffer, contiguous, writable if asked (a `bytes` is refused then,
-    /// with the `TypeError` CPython gives).
+    /// Export `obj`'s buffer, contiguous, writable if asked. Read-only, the errors are
+    /// the exporter's own (a `TypeError` for an object with no buffer, a `BufferError`
+    /// for a non-contiguous one), as CPython's `y*` arguments report them; writable,
+    /// see [`RawBuffer::writable`].
     pub fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<RawBuffer> {
+        match writable {
+            true => Self::writable(obj, "argument"),
+            false => Self::export(obj, ffi::PyBUF_SIMPLE),
+        }
+    }
+
+    /// A writable contiguous buffer for the argument `what` names (say
+    /// `"readinto() argument"` or `"recv_into() argument 1"`); anything else (a
+    /// `bytes`, a read-only or non-contiguous view) is the `TypeError` CPython's `w*`
+    /// arguments give, never a `BufferError`.
+    pub fn writable(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<RawBuffer> {
+        Self::export(obj, ffi::PyBUF_WRITABLE).map_err(|_| {
+            let shown = match obj.is_none() {
+                true => "None".to_owned(),
+                false => type_name(obj),
+            };
+            PyTypeError::new_err(format!(
+                "{what} must be read-write bytes-like object, not {shown}"
+            ))
+        })
+    }
+
+    fn export(obj: &Bound<'_, PyAny>, flags: std::ffi::c_int) -> PyResult<RawBuffer> {
         let mut view: Box<MaybeUninit<ffi::Py_buffer>> = Box::new(MaybeUninit::zeroed());
-        let flags = if writable {
-            ffi::PyBUF_WRITABLE
-        } else {
-            ffi::PyBUF_SIMPLE
-        };
         // SAFETY: obj is a live object; view is writable storage for a Py_buffer.
         let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), flags) };
         if rc == -1 {
@@ -71,4 +92,11 @@ impl Drop for RawBuffer {
             unsafe { ffi::PyBuffer_Release(&mut *self.view) }
         });
     }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default()
 }

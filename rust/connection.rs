@@ -150,7 +150,7 @@ impl Connection {
         nbytes: isize,
         flags: i32,
     ) -> PyResult<usize> {
-        let buf = RawBuffer::get(buffer, true)?;
+        let buf = RawBuffer::writable(buffer, "recv_into() argument 1")?;
         let n = check_size(nbytes, "recv_into")?;
         if n > buf.len() {
             return Err(PyValueError::new_err(
@@ -328,16 +328,20 @@ impl Connection {
         Ok(total)
     }
 
-    /// Like `socket.socket.makefile`: binary modes give the engine's own buffered reader
-    /// and writer; text modes wrap them in `io.TextIOWrapper`.
+    /// Like `socket.socket.makefile`, mode for mode and type for type as far as a
+    /// handler can tell: buffered `'rb'` is the engine's own reader and buffered
+    /// `'wb'` its own writer (both `io.BufferedIOBase`); `buffering=0` gives the
+    /// stdlib's raw `socket.SocketIO` over this connection; `'rwb'` an
+    /// `io.BufferedRWPair` over one; text modes wrap the binary file in
+    /// `io.TextIOWrapper`.
     #[pyo3(signature = (mode = "r", buffering = None, *, encoding = None, errors = None, newline = None))]
     fn makefile<'py>(
         slf: &Bound<'py, Self>,
         mode: &str,
         buffering: Option<isize>,
-        encoding: Option<&str>,
-        errors: Option<&str>,
-        newline: Option<&str>,
+        encoding: Option<&Bound<'py, PyAny>>,
+        errors: Option<&Bound<'py, PyAny>>,
+        newline: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         if !mode.chars().all(|c| "rwb".contains(c)) {
@@ -348,40 +352,57 @@ impl Connection {
         let writing = mode.contains('w');
         let reading = mode.contains('r') || !writing;
         let binary = mode.contains('b');
-        if reading && writing {
-            return Err(PyValueError::new_err(
-                "fastsocketserver connections make read-only or write-only files; \
-                 call makefile twice, or use dup() for a socket.socket",
-            ));
-        }
         let size = match buffering {
-            None => DEFAULT_BUFFER_SIZE,
-            Some(n) if n < 0 => DEFAULT_BUFFER_SIZE,
-            Some(n) => n as usize,
+            Some(n) if n >= 0 => n as usize,
+            _ => DEFAULT_BUFFER_SIZE,
         };
         if size == 0 && !binary {
             return Err(PyValueError::new_err("unbuffered streams must be binary"));
         }
-        let core = slf.get().core.clone();
-        let file: Bound<'py, PyAny> = if reading {
-            Bound::new(py, SocketReader::new(core, size))?.into_any()
+        let core = &slf.get().core;
+        let io = py.import("io")?;
+        let file: Bound<'py, PyAny> = if size > 0 && !(reading && writing) {
+            if reading {
+                Bound::new(py, SocketReader::new(core.clone(), size))?.into_any()
+            } else {
+                Bound::new(py, SocketWriter::new(core.clone(), size))?.into_any()
+            }
         } else {
-            Bound::new(py, SocketWriter::new(core, size))?.into_any()
+            let rawmode = if reading && writing {
+                "rw"
+            } else if reading {
+                "r"
+            } else {
+                "w"
+            };
+            let raw = py
+                .import("socket")?
+                .getattr("SocketIO")?
+                .call1((slf, rawmode))?;
+            // The raw file's close() gives the reference back (`_decref_socketios`).
+            core.add_io_ref();
+            if size == 0 {
+                return Ok(raw);
+            }
+            io.getattr("BufferedRWPair")?.call1((&raw, &raw, size))?
         };
         if binary {
             return Ok(file);
         }
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("encoding", encoding)?;
-        kwargs.set_item("errors", errors)?;
-        kwargs.set_item("newline", newline)?;
-        kwargs.set_item("line_buffering", false)?;
-        let text = py
-            .import("io")?
+        let encoding = io.call_method1("text_encoding", (encoding,))?;
+        let text = io
             .getattr("TextIOWrapper")?
-            .call((file,), Some(&kwargs))?;
+            .call1((file, encoding, errors, newline))?;
         text.setattr("mode", mode)?;
         Ok(text)
+    }
+
+    /// A file made by `makefile()` was closed: the connection closes for real when it
+    /// was closed itself before and no other such file is open (as `socket.socket`).
+    fn _decref_socketios(&self, py: Python<'_>) {
+        if self.core.drop_io_ref() {
+            py.detach(|| self.core.close_now());
+        }
     }
 
     #[pyo3(signature = (value))]

@@ -172,8 +172,12 @@ impl SocketCore {
     /// A file object made from the connection was closed. Returns true when the real
     /// close is now due (the connection itself was closed before).
     pub fn drop_io_ref(&self) -> bool {
-        let left = self.io_refs.fetch_sub(1, Ordering::AcqRel) - 1;
-        left == 0 && self.owner_closed.load(Ordering::Acquire)
+        // Never below zero, whoever calls `_decref_socketios` too often.
+        let before = self
+            .io_refs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        before <= 1 && self.owner_closed.load(Ordering::Acquire)
     }
 
     /// `close()` on the connection: true when the real close is due now (no file object

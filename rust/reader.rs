@@ -5,17 +5,18 @@
 //! a buffered `wfile` queued on the connection (DESIGN.md §5).
 //! Semantics follow `socket.makefile('rb', n)`: `read(n)` waits for `n` bytes or EOF,
 //! `read1` returns what one receive gives, `readline(limit)`, `readlines(hint)`,
-//! `readinto`, `peek`, iteration. A buffer size of 0 gives the unbuffered `SocketIO`
-//! behaviour (one `recv` per `read`, `readline` never reads past the newline). After a
-//! timeout the reader refuses further reads, as `socket.SocketIO` does.
+//! `readinto`, `peek`, iteration. The buffer size is at least 1 (`makefile('rb', 0)`
+//! gives the stdlib's own raw `socket.SocketIO` instead). After a timeout the reader
+//! refuses further reads, as `socket.SocketIO` does.
 
 use crate::buffer::RawBuffer;
 use crate::descriptor::SocketCore;
 use crate::syscall;
 use crate::wait::{blocking, lock};
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// How much `read()` asks the kernel for at a time when reading to end of stream.
@@ -59,7 +60,9 @@ pub struct SocketReader {
 }
 
 impl SocketReader {
+    /// A reader buffering up to `bufsize` bytes (at least 1).
     pub fn new(core: Arc<SocketCore>, bufsize: usize) -> SocketReader {
+        debug_assert!(bufsize > 0);
         core.add_io_ref();
         SocketReader {
             core,
@@ -72,10 +75,6 @@ impl SocketReader {
                 timed_out: false,
             }),
         }
-    }
-
-    fn raw(&self) -> bool {
-        self.bufsize == 0
     }
 
     fn open_state(&self, py: Python<'_>, what: &str) -> PyResult<MutexGuard<'_, ReaderState>> {
@@ -149,13 +148,7 @@ impl SocketReader {
         st: &mut ReaderState,
         n: usize,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let have = if self.raw() && st.available() == 0 && n > 0 {
-            self.fill(py, st, n)?
-        } else if self.raw() {
-            st.available()
-        } else {
-            self.fill_to(py, st, n)?
-        };
+        let have = self.fill_to(py, st, n)?;
         let out = PyBytes::new(py, st.take(have.min(n)));
         st.reset_if_empty();
         Ok(out)
@@ -167,11 +160,7 @@ impl SocketReader {
         st: &mut ReaderState,
         n: Option<usize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let n = n.unwrap_or(if self.raw() {
-            crate::connection::DEFAULT_BUFFER_SIZE
-        } else {
-            self.bufsize
-        });
+        let n = n.unwrap_or(self.bufsize);
         if n > 0 && st.available() == 0 {
             self.fill(py, st, n.max(self.bufsize))?;
         }
@@ -207,8 +196,7 @@ impl SocketReader {
                 return Ok(out);
             }
             st.scanned = avail.len();
-            let want = if self.raw() { 1 } else { self.bufsize };
-            if self.fill(py, st, want)? == 0 {
+            if self.fill(py, st, self.bufsize)? == 0 {
                 st.scanned = 0;
                 let n = st.available();
                 let out = PyBytes::new(py, st.take(n));
@@ -219,17 +207,14 @@ impl SocketReader {
     }
 
     fn copy_into(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>, one: bool) -> PyResult<usize> {
-        let target = RawBuffer::get(buffer, true)?;
+        let what = if one { "readinto1()" } else { "readinto()" };
+        let target = RawBuffer::writable(buffer, &format!("{what} argument"))?;
         let mut st = self.open_state(py, "readinto")?;
         let want = target.len();
         let have = if one {
             if want > 0 && st.available() == 0 {
                 self.fill(py, &mut st, want.max(self.bufsize))?;
             }
-            st.available()
-        } else if self.raw() && st.available() == 0 && want > 0 {
-            self.fill(py, &mut st, want)?
-        } else if self.raw() {
             st.available()
         } else {
             self.fill_to(py, &mut st, want)?
@@ -257,37 +242,86 @@ impl SocketReader {
     }
 }
 
-fn size_arg(size: Option<isize>) -> Option<usize> {
+/// A size argument that may be None, as `io` parses it for `read`, `readline` and
+/// `readlines`: None, or anything with `__index__` (`TypeError` otherwise,
+/// `OverflowError` past the index range).
+fn optional_size(arg: Option<&Bound<'_, PyAny>>) -> PyResult<Option<isize>> {
+    let Some(arg) = arg else {
+        return Ok(None);
+    };
+    // SAFETY: `arg` is a live object; the check only reads its type's slots.
+    if unsafe { pyo3::ffi::PyIndex_Check(arg.as_ptr()) } == 0 {
+        return Err(PyTypeError::new_err(format!(
+            "argument should be integer or None, not '{}'",
+            arg.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        )));
+    }
+    arg.extract::<isize>().map(Some).map_err(|err| {
+        match err.is_instance_of::<PyOverflowError>(arg.py()) {
+            true => PyOverflowError::new_err("cannot fit 'int' into an index-sized integer"),
+            false => err,
+        }
+    })
+}
+
+/// A limit that is none when negative (`readline`, `read1`).
+fn limit(size: Option<isize>) -> Option<usize> {
     size.filter(|&n| n >= 0).map(|n| n as usize)
 }
 
 #[pymethods]
 impl SocketReader {
+    /// `read()`, `read(None)`, `read(-1)`: to end of stream; `read(n)`: `n` bytes or
+    /// what there is before the end. Other negative sizes are a `ValueError`.
     #[pyo3(signature = (size = None))]
-    fn read<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        size: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let size = optional_size(size)?;
+        if size.is_some_and(|n| n < -1) {
+            return Err(PyValueError::new_err(
+                "read length must be non-negative or -1",
+            ));
+        }
         let mut st = self.open_state(py, "read")?;
-        match size_arg(size) {
+        match limit(size) {
             None => self.read_all(py, &mut st),
             Some(n) => self.read_n(py, &mut st, n),
         }
     }
 
-    #[pyo3(signature = (size = None))]
-    fn read1<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    /// At most `size` bytes from one receive at most; a negative size means the
+    /// buffer size. `size` must be an integer (`None` is a `TypeError`, as in `io`).
+    #[pyo3(signature = (size = -1))]
+    fn read1<'py>(&self, py: Python<'py>, size: isize) -> PyResult<Bound<'py, PyBytes>> {
         let mut st = self.open_state(py, "read")?;
-        self.read1_n(py, &mut st, size_arg(size))
+        self.read1_n(py, &mut st, limit(Some(size)))
     }
 
     #[pyo3(signature = (size = None))]
-    fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn readline<'py>(
+        &self,
+        py: Python<'py>,
+        size: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let size = limit(optional_size(size)?);
         let mut st = self.open_state(py, "readline")?;
-        self.readline_limit(py, &mut st, size_arg(size))
+        self.readline_limit(py, &mut st, size)
     }
 
     #[pyo3(signature = (hint = None))]
-    fn readlines<'py>(&self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
+    fn readlines<'py>(
+        &self,
+        py: Python<'py>,
+        hint: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let hint = limit(optional_size(hint)?).filter(|&h| h > 0);
         let mut st = self.open_state(py, "readline")?;
-        let hint = size_arg(hint).filter(|&h| h > 0);
         let lines = PyList::empty(py);
         let mut total = 0usize;
         loop {
@@ -319,8 +353,7 @@ impl SocketReader {
         let _ = size;
         let mut st = self.open_state(py, "peek")?;
         if st.available() == 0 {
-            let want = self.bufsize.max(1);
-            self.fill(py, &mut st, want)?;
+            self.fill(py, &mut st, self.bufsize)?;
         }
         Ok(PyBytes::new(py, &st.buf[st.pos..]))
     }
@@ -354,9 +387,9 @@ impl SocketReader {
         Ok(true)
     }
 
-    fn writable(&self, py: Python<'_>) -> PyResult<bool> {
-        self.open_state(py, "I/O operation").map(drop)?;
-        Ok(false)
+    /// False, open or closed, as `io.BufferedReader.writable`.
+    fn writable(&self) -> bool {
+        false
     }
 
     fn seekable(&self, py: Python<'_>) -> PyResult<bool> {
@@ -395,6 +428,16 @@ impl SocketReader {
     #[getter]
     fn mode(&self) -> &'static str {
         "rb"
+    }
+
+    /// The descriptor while open, -1 once closed (as `BufferedReader.name` over a
+    /// `SocketIO`).
+    #[getter]
+    fn name(&self, py: Python<'_>) -> RawFd {
+        match lock(py, &self.state).closed {
+            true => -1,
+            false => self.core.fileno(),
+        }
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {

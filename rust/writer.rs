@@ -10,13 +10,14 @@
 //! per request instead of two.
 
 use crate::buffer::RawBuffer;
-use crate::connection::send_all;
+use crate::connection::{send_all, Connection};
 use crate::descriptor::SocketCore;
 use crate::reader::unsupported;
 use crate::wait::lock;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 struct WriterState {
@@ -95,6 +96,13 @@ impl SocketWriter {
 
 #[pymethods]
 impl SocketWriter {
+    /// The stdlib's `_SocketWriter` over `connection`: every `write` sent in full
+    /// before it returns (what `StreamRequestHandler` uses when `wbufsize == 0`).
+    #[new]
+    fn py_new(connection: &Bound<'_, Connection>) -> SocketWriter {
+        SocketWriter::new(connection.get().core.clone(), 0)
+    }
+
     /// Send (or queue) all of `data`; returns its length in bytes.
     fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
         let buf = RawBuffer::get(data, false)?;
@@ -124,14 +132,19 @@ impl SocketWriter {
         lock(py, &self.state).closed
     }
 
+    /// True; once closed, a buffered writer raises `ValueError` as
+    /// `io.BufferedWriter.writable` does, the unbuffered one (the stdlib's
+    /// `_SocketWriter`) still says True.
     fn writable(&self, py: Python<'_>) -> PyResult<bool> {
-        self.open_state(py, "I/O operation on").map(drop)?;
+        if self.bufsize > 0 {
+            self.open_state(py, "I/O operation on").map(drop)?;
+        }
         Ok(true)
     }
 
-    fn readable(&self, py: Python<'_>) -> PyResult<bool> {
-        self.open_state(py, "I/O operation on").map(drop)?;
-        Ok(false)
+    /// False, open or closed, as `io.BufferedWriter.readable`.
+    fn readable(&self) -> bool {
+        false
     }
 
     fn seekable(&self, py: Python<'_>) -> PyResult<bool> {
@@ -161,6 +174,15 @@ impl SocketWriter {
     #[getter]
     fn mode(&self) -> &'static str {
         "wb"
+    }
+
+    /// The descriptor while open, -1 once closed (as `BufferedWriter.name`).
+    #[getter]
+    fn name(&self, py: Python<'_>) -> RawFd {
+        match lock(py, &self.state).closed {
+            true => -1,
+            false => self.core.fileno(),
+        }
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {

@@ -69,7 +69,7 @@ class StreamRequestHandler(BaseRequestHandler):
         self.rfile = self.connection.makefile("rb", self.rbufsize)
         if self.wbufsize == 0:
             if type(self.connection) is _core.Connection:
-                self.wfile = self.connection.makefile("wb", 0)
+                self.wfile = _core.SocketWriter(self.connection)
             else:
                 self.wfile = _SocketWriter(self.connection)
         else:
