@@ -106,9 +106,16 @@ class TimeoutCounting:
 REQUESTS = 20
 
 
-def test_no_thread_state_shared_between_clients(mod):
+def test_no_thread_state_shared_between_clients(mod, request):
     """A handler that keeps the current user in a threading.local or a ContextVar never
     hands it to the next client (the stdlib runs every request on a fresh thread)."""
+    if mod.__name__ == "fastsocketserver":
+        # Visible record of a known, unfixed bug: strict, so the fix turns this red
+        # until the marker is removed.
+        request.applymarker(pytest.mark.xfail(
+            strict=True,
+            reason="issue 12, open: ThreadingMixIn's pool workers keep one thread state "
+                   "for life, so threading.local/contextvars leak between requests"))
     local = threading.local()
     user = contextvars.ContextVar("user", default=None)
 
