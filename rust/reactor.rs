@@ -410,7 +410,8 @@ impl Reactor {
 #[pymethods]
 impl Reactor {
     /// Watch listening socket `fd`. With `accepting`, the reactor itself accepts
-    /// connections (the socket is put in non-blocking mode) or receives datagrams.
+    /// connections (the socket is non-blocking only while the engine waits on it) or
+    /// receives datagrams.
     #[new]
     #[pyo3(signature = (fd, family, kind, proto, accepting))]
     fn new(fd: RawFd, family: i32, kind: i32, proto: i32, accepting: bool) -> PyResult<Reactor> {
