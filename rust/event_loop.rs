@@ -45,7 +45,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -211,6 +211,10 @@ struct LoopState {
 #[pyclass(module = "fastsocketserver._core", frozen)]
 pub struct EventLoop {
     state: Mutex<LoopState>,
+    /// How many times `wake()` (the server's `shutdown()`) was called. A round does not
+    /// block when this differs from the count its caller saw before it last checked for
+    /// shutdown: a wake whose event another thread's round consumed is not lost.
+    stop_wakes: AtomicU64,
     shared: Arc<LoopShared>,
     fd: RawFd,
     family: i32,
@@ -259,7 +263,7 @@ impl EventLoop {
 
     // ---- phase 1: I/O, detached ----------------------------------------------------
 
-    fn io_phase(&self, st: &mut LoopState, deadline: Option<Instant>) -> Result<bool> {
+    fn io_phase(&self, st: &mut LoopState, deadline: Option<Instant>, seen: u64) -> Result<bool> {
         let dirty =
             std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         // Flush every transport that queued something, even if one fails.
@@ -280,7 +284,9 @@ impl EventLoop {
             st.backoff_until = None;
         }
         self.check_idle(st, now);
-        let busy = !st.pending.is_empty() || (st.listener_ready && st.backoff_until.is_none());
+        let busy = !st.pending.is_empty()
+            || (st.listener_ready && st.backoff_until.is_none())
+            || self.stop_wakes.load(Ordering::Acquire) != seen;
         let timeout = if busy {
             Some(Duration::ZERO)
         } else {
@@ -1330,6 +1336,7 @@ impl EventLoop {
             on_error,
             idle_timeout,
             closing: AtomicBool::new(false),
+            stop_wakes: AtomicU64::new(0),
             open: AtomicUsize::new(0),
         })
     }
@@ -1338,37 +1345,8 @@ impl EventLoop {
     /// events, run the callbacks. True if anything happened, False on timeout or wake.
     #[pyo3(signature = (timeout = None))]
     fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        if self.running_here() {
-            // A callback of this loop runs the loop again (handle_request() or
-            // serve_forever() from data_received, say): the round holds the loop, so
-            // waiting for it would never end. asyncio refuses the same way.
-            return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
-        }
-        let deadline = syscall::deadline_after(timeout)?;
-        let mut guard = lock(py, &self.state);
-        let st = &mut *guard;
-        if st.poll.is_none() {
-            return Err(PyValueError::new_err("the server is closed"));
-        }
-        let running = Running::enter(&self.shared);
-        let result = (|| {
-            self.start(py, st)?;
-            if !st.pending.is_empty() {
-                self.dispatch(py, st)?;
-                return Ok(true);
-            }
-            let active = blocking(py, || self.io_phase(st, deadline))?;
-            self.dispatch(py, st)?;
-            Ok(active)
-        })();
-        drop(running);
-        drop(guard);
-        if self.closing.load(Ordering::Acquire) {
-            // close() was called during this round (by a callback, a signal handler or
-            // another thread): finish it now that the loop is free.
-            self.close(py)?;
-        }
-        result
+        let seen = self.stop_wakes.load(Ordering::Acquire);
+        self.round(py, timeout, seen)
     }
 
     /// The `serve_forever()` loop (see [`crate::serve`]), one `run_once` per round.
@@ -1381,13 +1359,19 @@ impl EventLoop {
         service_actions: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         crate::serve::serve_forever(server, service_actions, |stop| {
-            self.run_once(py, poll_interval)?;
+            // Read before this round's own look at the shutdown flag (see `stop_wakes`).
+            let seen = self.stop_wakes.load(Ordering::Acquire);
+            if stop.is_set()? {
+                return Ok(true);
+            }
+            self.round(py, poll_interval, seen)?;
             Ok(self.closing.load(Ordering::Acquire) || stop.is_set()?)
         })
     }
 
     /// Wake the loop's current (or next) wait.
     fn wake(&self) -> PyResult<()> {
+        self.stop_wakes.fetch_add(1, Ordering::AcqRel);
         self.shared.wake().map_err(Error::from)?;
         Ok(())
     }
@@ -1490,5 +1474,43 @@ impl EventLoop {
     #[getter]
     fn fd(&self) -> RawFd {
         self.fd
+    }
+}
+
+impl EventLoop {
+    /// One round of `run_once`; `seen` is the wake count the caller saw before it last
+    /// checked for shutdown.
+    fn round(&self, py: Python<'_>, timeout: Option<f64>, seen: u64) -> PyResult<bool> {
+        if self.running_here() {
+            // A callback of this loop runs the loop again (handle_request() or
+            // serve_forever() from data_received, say): the round holds the loop, so
+            // waiting for it would never end. asyncio refuses the same way.
+            return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
+        }
+        let deadline = syscall::deadline_after(timeout)?;
+        let mut guard = lock(py, &self.state);
+        let st = &mut *guard;
+        if st.poll.is_none() {
+            return Err(PyValueError::new_err("the server is closed"));
+        }
+        let running = Running::enter(&self.shared);
+        let result = (|| {
+            self.start(py, st)?;
+            if !st.pending.is_empty() {
+                self.dispatch(py, st)?;
+                return Ok(true);
+            }
+            let active = blocking(py, || self.io_phase(st, deadline, seen))?;
+            self.dispatch(py, st)?;
+            Ok(active)
+        })();
+        drop(running);
+        drop(guard);
+        if self.closing.load(Ordering::Acquire) {
+            // close() was called during this round (by a callback, a signal handler or
+            // another thread): finish it now that the loop is free.
+            self.close(py)?;
+        }
+        result
     }
 }
