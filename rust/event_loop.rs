@@ -1255,12 +1255,7 @@ impl Drop for EventLoop {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         let poll = st.poll.take();
-        let waker = self
-            .shared
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let waker = self.shared.take_waker();
         let conns = &mut st.conns;
         Python::attach(|py| {
             py.detach(|| {
@@ -1358,12 +1353,7 @@ impl EventLoop {
         poll_interval: Option<f64>,
         service_actions: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        crate::serve::serve_forever(server, service_actions, |stop| {
-            // Read before this round's own look at the shutdown flag (see `stop_wakes`).
-            let seen = self.stop_wakes.load(Ordering::Acquire);
-            if stop.is_set()? {
-                return Ok(true);
-            }
+        crate::serve::serve_forever(server, service_actions, &self.stop_wakes, |stop, seen| {
             self.round(py, poll_interval, seen)?;
             Ok(self.closing.load(Ordering::Acquire) || stop.is_set()?)
         })
@@ -1408,12 +1398,7 @@ impl EventLoop {
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         drop(guard);
         // Transports may outlive the loop; its eventfd must not.
-        let waker = self
-            .shared
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let waker = self.shared.take_waker();
         py.detach(|| {
             close_descriptors(unclaimed, &mut conns, poll.as_ref());
             if let Some(poll) = poll.as_ref() {

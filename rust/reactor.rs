@@ -546,72 +546,68 @@ impl Reactor {
         let batch = service_actions.is_none();
         self.serving.fetch_add(1, Ordering::AcqRel);
         let mut replaced = false;
-        let served = crate::serve::serve_forever(server, service_actions, |stop| {
-            // The wake count is read before this round's own look at the shutdown flag,
-            // so a `shutdown()` that sets the flag after that look also ends the wait.
-            let seen = self.wakes.load(Ordering::Acquire);
-            if stop.is_set()? {
-                return Ok(true);
-            }
-            if let Some(listener) = listener {
-                if !server.getattr(intern!(py, "socket"))?.is(listener) {
-                    replaced = true;
-                    return Ok(true);
-                }
-            }
-            let outcome = match (&pool, &dispatch) {
-                (Some(pool), Some(dispatch)) => {
-                    let tracked = !server.getattr(intern!(py, "daemon_threads"))?.is_truthy()?;
-                    let job = |taken| Job::new(Work::Request(dispatch.clone(), taken), tracked);
-                    let want = want();
-                    self.run_with(py, poll_interval, |st, deadline| {
-                        self.pump(st, &want, deadline, pool, &job, batch, seen)
-                    })
-                }
-                _ => {
-                    let want = want();
-                    self.run_with(py, poll_interval, |st, deadline| {
-                        self.step(st, &want, deadline, seen)
-                    })
-                }
-            };
-            let outcome = match outcome {
-                Ok(outcome) => outcome,
-                Err(err) if err.is_instance_of::<pyo3::exceptions::PyOSError>(py) => {
-                    Outcome::TimedOut
-                }
-                Err(err) => return Err(err),
-            };
-            let ready = matches!(outcome, Outcome::Ready);
-            let taken = match outcome {
-                Outcome::Closed => return Ok(true),
-                Outcome::Ready => None,
-                Outcome::Accepted(fd, addr) => Some(Taken::Stream(fd, addr)),
-                Outcome::Datagram(data, addr) => Some(Taken::Datagram(data, addr)),
-                Outcome::Refused(
-                    Refused::Full(job) | Refused::Closed(job) | Refused::NoThread(job, _),
-                ) => match job.into_work() {
-                    Work::Request(_, taken) => Some(taken),
-                    Work::Call(..) => None,
-                },
-                Outcome::Dispatched | Outcome::Woken | Outcome::TimedOut => None,
-            };
-            // An accepted connection is closed (dropped) if this check raises.
-            let stopping = stop.is_set()?;
-            if ready && !stopping {
-                handle.call0()?;
-            }
-            if let Some(taken) = taken {
-                match (&dispatch, &pool) {
-                    (Some(dispatch), None) => dispatch.run_inline(py, taken)?,
-                    _ => {
-                        let req = taken.into_python(py, self.family, self.proto, sock)?;
-                        handle.call1((req.request, req.address))?;
+        let served =
+            crate::serve::serve_forever(server, service_actions, &self.wakes, |stop, seen| {
+                if let Some(listener) = listener {
+                    if !server.getattr(intern!(py, "socket"))?.is(listener) {
+                        replaced = true;
+                        return Ok(true);
                     }
                 }
-            }
-            Ok(stopping)
-        });
+                let outcome = match (&pool, &dispatch) {
+                    (Some(pool), Some(dispatch)) => {
+                        let tracked =
+                            !server.getattr(intern!(py, "daemon_threads"))?.is_truthy()?;
+                        let job = |taken| Job::new(Work::Request(dispatch.clone(), taken), tracked);
+                        let want = want();
+                        self.run_with(py, poll_interval, |st, deadline| {
+                            self.pump(st, &want, deadline, pool, &job, batch, seen)
+                        })
+                    }
+                    _ => {
+                        let want = want();
+                        self.run_with(py, poll_interval, |st, deadline| {
+                            self.step(st, &want, deadline, seen)
+                        })
+                    }
+                };
+                let outcome = match outcome {
+                    Ok(outcome) => outcome,
+                    Err(err) if err.is_instance_of::<pyo3::exceptions::PyOSError>(py) => {
+                        Outcome::TimedOut
+                    }
+                    Err(err) => return Err(err),
+                };
+                let ready = matches!(outcome, Outcome::Ready);
+                let taken = match outcome {
+                    Outcome::Closed => return Ok(true),
+                    Outcome::Ready => None,
+                    Outcome::Accepted(fd, addr) => Some(Taken::Stream(fd, addr)),
+                    Outcome::Datagram(data, addr) => Some(Taken::Datagram(data, addr)),
+                    Outcome::Refused(
+                        Refused::Full(job) | Refused::Closed(job) | Refused::NoThread(job, _),
+                    ) => match job.into_work() {
+                        Work::Request(_, taken) => Some(taken),
+                        Work::Call(..) => None,
+                    },
+                    Outcome::Dispatched | Outcome::Woken | Outcome::TimedOut => None,
+                };
+                // An accepted connection is closed (dropped) if this check raises.
+                let stopping = stop.is_set()?;
+                if ready && !stopping {
+                    handle.call0()?;
+                }
+                if let Some(taken) = taken {
+                    match (&dispatch, &pool) {
+                        (Some(dispatch), None) => dispatch.run_inline(py, taken)?,
+                        _ => {
+                            let req = taken.into_python(py, self.family, self.proto, sock)?;
+                            handle.call1((req.request, req.address))?;
+                        }
+                    }
+                }
+                Ok(stopping)
+            });
         // The listener goes back to its own flags once no loop is left (whoever holds
         // the poller now does it when it gives the poller back, if this cannot).
         self.serving.fetch_sub(1, Ordering::AcqRel);

@@ -11,6 +11,7 @@
 
 use pyo3::intern;
 use pyo3::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct StopFlag<'a, 'py> {
     server: &'a Bound<'py, PyAny>,
@@ -27,10 +28,16 @@ impl StopFlag<'_, '_> {
 
 /// Run rounds until shutdown is requested. A round waits, handles what it got, and
 /// returns true if it saw the shutdown request after its wait.
+///
+/// `wakes` is the waiting side's count of `wake()` calls. Each round gets the count as
+/// it was read *before* that round's look at the shutdown flag: a wait that ends as
+/// soon as the count differs can then never miss a `shutdown()` that set the flag just
+/// after the look, even when another thread's wait consumed the waker's event.
 pub fn serve_forever<'py>(
     server: &Bound<'py, PyAny>,
     service_actions: Option<&Bound<'py, PyAny>>,
-    mut round: impl FnMut(&StopFlag<'_, 'py>) -> PyResult<bool>,
+    wakes: &AtomicU64,
+    mut round: impl FnMut(&StopFlag<'_, 'py>, u64) -> PyResult<bool>,
 ) -> PyResult<()> {
     let stop = StopFlag { server };
     let py = server.py();
@@ -38,9 +45,13 @@ pub fn serve_forever<'py>(
     // thread ran Rust code, or received by another thread (which does not interrupt
     // this thread's wait), is acted on within one `poll_interval`, as in the stdlib,
     // whose loop runs Python code between its waits.
-    while !stop.is_set()? {
+    loop {
+        let seen = wakes.load(Ordering::Acquire);
+        if stop.is_set()? {
+            break;
+        }
         py.check_signals()?;
-        if round(&stop)? {
+        if round(&stop, seen)? {
             break;
         }
         if let Some(actions) = service_actions {

@@ -51,6 +51,10 @@ impl LoopShared {
             None => Ok(()),
         }
     }
+    /// Take the waker out at the loop's close (its eventfd is closed when dropped).
+    pub fn take_waker(&self) -> Option<Waker> {
+        self.waker.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 impl LoopShared {

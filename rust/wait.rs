@@ -127,9 +127,14 @@ struct Ticket<'a, T> {
 impl<T> Drop for Ticket<'_, T> {
     fn drop(&mut self) {
         let mut slot = self.turn.lock_slot();
+        let before = slot.queue.len();
         slot.queue.retain(|&n| n != self.number);
+        let left_now = slot.queue.len() != before;
         drop(slot);
-        self.turn.changed.notify_all();
+        // A ticket that took the value left the queue already: nobody's view changed.
+        if left_now {
+            self.turn.changed.notify_all();
+        }
     }
 }
 
