@@ -13,6 +13,20 @@
 //!
 //! Worker threads block asynchronous signals, so SIGINT/SIGTERM reach the main thread
 //! (whose waits they interrupt) and never a worker.
+//!
+//! A reused thread must not carry one request's state into the next, since the stdlib
+//! gives every request a new thread: each job runs in a new, empty `contextvars`
+//! context, and the thread's state dictionary (where every `threading.local` keeps its
+//! values) is cleared after each job, which also runs the destructors of what the job
+//! left there, as a thread's end would. Both cost well under a microsecond per job.
+//!
+//! Threads get the stack size `threading.stack_size()` asked for (the Python side hands
+//! it over in `stack_size`); with 0 they get what a new `threading.Thread` gets, the
+//! platform's default for a new pthread.
+//!
+//! A pool belongs to the process that made it. A child forked while workers ran has
+//! none of them, and may have inherited the pool's lock held: the pool is then `stale`,
+//! its methods touch nothing and the Python side makes a new pool.
 
 use crate::dispatch::{Dispatch, Taken};
 use crate::error::catch_panic;
@@ -20,14 +34,13 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long `submit` waits for a free worker (at the cap) between signal checks.
 const CAPACITY_WAIT_SLICE: Duration = Duration::from_millis(50);
 
-/// Stack size of worker threads: what a `threading.Thread` gets by default on Linux.
-const WORKER_STACK: usize = 8 * 1024 * 1024;
 
 /// What a worker runs: a Python callable, or a request the server's thread took
 /// without attaching (see [`crate::dispatch`]).
@@ -87,9 +100,18 @@ pub struct Shared {
     done: Condvar,
     max_threads: Option<usize>,
     idle_timeout: Duration,
+    /// Stack size for new workers (`threading.stack_size()`); 0 for the platform's default.
+    stack_size: AtomicUsize,
+    /// The process the pool (and its threads) belong to.
+    pid: u32,
 }
 
 impl Shared {
+    /// Inherited by a forked child: no worker of the pool exists here.
+    fn stale(&self) -> bool {
+        self.pid != std::process::id()
+    }
+
     fn lock(&self) -> MutexGuard<'_, PoolState> {
         // Critical sections only update counters and the queue; never poisoned midway.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -163,6 +185,9 @@ impl Shared {
     /// burst of requests does not start a thread each merely because the new threads
     /// had no chance to attach yet.
     pub fn push(self: &Arc<Self>, job: Job) -> Result<(), Refused> {
+        if self.stale() {
+            return Err(Refused::Closed(job));
+        }
         let mut st = self.lock();
         if st.closing {
             return Err(Refused::Closed(job));
@@ -233,17 +258,45 @@ fn worker(shared: Arc<Shared>) {
             break;
         };
         let tracked = job.tracked;
-        let outcome = match job.work {
+        let outcome = in_fresh_state(py, || match job.work {
             Work::Call(func, args) => {
                 catch_panic(|| func.call1(py, args.bind(py).clone())).map(drop)
             }
             Work::Request(dispatch, taken) => dispatch.run_threaded(py, taken),
-        };
+        });
         if let Err(err) = outcome {
             report(py, err);
         }
         shared.finished(tracked);
     });
+}
+
+/// Run `job` in a new empty `contextvars` context, then clear the thread's state
+/// dictionary, so that the next job on this thread starts as on a new thread.
+fn in_fresh_state(py: Python<'_>, job: impl FnOnce() -> PyResult<()>) -> PyResult<()> {
+    // SAFETY: attached (the `py` token); the context is a new reference we own and
+    // release, entered and exited on this thread.
+    let context = unsafe { pyo3::ffi::PyContext_New() };
+    let entered = !context.is_null() && unsafe { pyo3::ffi::PyContext_Enter(context) } == 0;
+    if !entered {
+        // Without a context of its own the job still runs; say why not.
+        PyErr::take(py).inspect(|err| err.print(py));
+    }
+    let outcome = job();
+    if entered && unsafe { pyo3::ffi::PyContext_Exit(context) } != 0 {
+        // Only when the job left a context of its own entered (a misuse of the C API).
+        PyErr::take(py).inspect(|err| err.print(py));
+    }
+    if !context.is_null() {
+        unsafe { pyo3::ffi::Py_DECREF(context) };
+    }
+    // SAFETY: attached; a borrowed reference to this thread's dictionary (or null).
+    let dict = unsafe { pyo3::ffi::PyThreadState_GetDict() };
+    if !dict.is_null() && unsafe { pyo3::ffi::PyDict_Size(dict) } > 0 {
+        // Destructors run here; what they raise goes to sys.unraisablehook.
+        unsafe { pyo3::ffi::PyDict_Clear(dict) };
+    }
+    outcome
 }
 
 /// Send an exception that escaped a job to `threading.excepthook`, as a thread would.
@@ -283,12 +336,36 @@ fn spawn_worker(shared: Arc<Shared>) -> std::io::Result<()> {
             libc::sigdelset(&mut all, sync);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let stack = match shared.stack_size.load(Ordering::Relaxed) {
+            0 => default_stack_size(),
+            asked => asked,
+        };
         let spawned = std::thread::Builder::new()
             .name("fss-worker".into())
-            .stack_size(WORKER_STACK)
+            .stack_size(stack)
             .spawn(move || worker(shared));
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         spawned.map(drop)
+    }
+}
+
+/// What a new pthread gets when its creator asks for nothing (what `threading.Thread`
+/// gets with `threading.stack_size()` at 0): on glibc, the stack rlimit at start-up.
+fn default_stack_size() -> usize {
+    // SAFETY: a local attribute object, initialised, read and destroyed here.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        let mut size = 0;
+        if libc::pthread_attr_init(&mut attr) != 0 {
+            return 8 << 20;
+        }
+        let got = libc::pthread_attr_getstacksize(&attr, &mut size);
+        libc::pthread_attr_destroy(&mut attr);
+        if got == 0 && size > 0 {
+            size
+        } else {
+            8 << 20
+        }
     }
 }
 
@@ -321,6 +398,8 @@ impl WorkerPool {
                 done: Condvar::new(),
                 max_threads,
                 idle_timeout: Duration::from_secs_f64(idle_timeout),
+                stack_size: AtomicUsize::new(0),
+                pid: std::process::id(),
             }),
         })
     }
@@ -336,6 +415,11 @@ impl WorkerPool {
         tracked: bool,
     ) -> PyResult<()> {
         let shared = &*self.shared;
+        if shared.stale() {
+            return Err(PyRuntimeError::new_err(
+                "this WorkerPool belongs to the parent process; a forked child needs its own",
+            ));
+        }
         let max = shared.max_threads.unwrap_or(usize::MAX);
         let has_room = |s: &PoolState| s.busy < max || s.closing;
         let mut st = shared.lock();
@@ -372,6 +456,9 @@ impl WorkerPool {
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let shared = &*self.shared;
         let until = crate::syscall::deadline_after(timeout)?;
+        if shared.stale() {
+            return Ok(true);
+        }
         Ok(py.detach(|| shared.wait_done(shared.lock(), until, |s| s.tracked == 0).1))
     }
 
@@ -381,6 +468,9 @@ impl WorkerPool {
     fn close(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let shared = &*self.shared;
         let until = crate::syscall::deadline_after(timeout)?;
+        if shared.stale() {
+            return Ok(true);
+        }
         Ok(py.detach(|| {
             let mut st = shared.lock();
             st.closing = true;
@@ -392,19 +482,38 @@ impl WorkerPool {
     /// Tracked jobs not yet finished (what `server_close()` waits for).
     #[getter]
     fn inflight(&self) -> usize {
-        self.shared.lock().tracked
+        self.counter(|st| st.tracked)
     }
 
     /// Jobs queued or running.
     #[getter]
     fn busy(&self) -> usize {
-        self.shared.lock().busy
+        self.counter(|st| st.busy)
     }
 
     /// Live worker threads.
     #[getter]
     fn threads(&self) -> usize {
-        self.shared.lock().threads
+        self.counter(|st| st.threads)
+    }
+
+    /// The stack size of threads started from now on, in bytes; 0 for the platform's
+    /// default. The Python side sets it from `threading.stack_size()`.
+    #[getter]
+    fn stack_size(&self) -> usize {
+        self.shared.stack_size.load(Ordering::Relaxed)
+    }
+
+    #[setter]
+    fn set_stack_size(&self, size: usize) {
+        self.shared.stack_size.store(size, Ordering::Relaxed);
+    }
+
+    /// True in a process forked from the one that made the pool (whose workers the
+    /// child does not have): the pool is closed there.
+    #[getter]
+    fn stale(&self) -> bool {
+        self.shared.stale()
     }
 
     #[getter]
@@ -414,6 +523,17 @@ impl WorkerPool {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.shared.lock().closing
+        self.shared.stale() || self.shared.lock().closing
+    }
+}
+
+impl WorkerPool {
+    /// One of the pool's counters; 0 in a forked child.
+    fn counter(&self, read: impl Fn(&PoolState) -> usize) -> usize {
+        if self.shared.stale() {
+            0
+        } else {
+            read(&self.shared.lock())
+        }
     }
 }

@@ -106,16 +106,9 @@ class TimeoutCounting:
 REQUESTS = 20
 
 
-def test_no_thread_state_shared_between_clients(mod, request):
+def test_no_thread_state_shared_between_clients(mod):
     """A handler that keeps the current user in a threading.local or a ContextVar never
     hands it to the next client (the stdlib runs every request on a fresh thread)."""
-    if mod.__name__ == "fastsocketserver":
-        # Visible record of a known, unfixed bug: strict, so the fix turns this red
-        # until the marker is removed.
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="issue 12, open: ThreadingMixIn's pool workers keep one thread state "
-                   "for life, so threading.local/contextvars leak between requests"))
     local = threading.local()
     user = contextvars.ContextVar("user", default=None)
 
@@ -191,19 +184,26 @@ def wait_child(pid: int, timeout: float) -> str:
     return "killed"
 
 
-def fork_scenario(mod, threading_server: bool) -> dict:
+def fork_scenario(mod, threading_server: bool, idle_workers: int = 0) -> dict:
     """The first client's handler forks. The child calls handle_request() on the server
     it inherited and exits 0 only if it served the second client. The parent must not
     take that client itself: on a TCPServer its only serving thread waits in the handler
     for the child (bounded); on a ThreadingTCPServer the worker stops the parent's
     serve_forever() (which was waiting for the next client when the fork happened)
-    before it answers the first client."""
+    before it answers the first client. With ``idle_workers``, that many concurrent
+    requests run first, so a threading server has idle worker threads when it forks
+    (the child has none of them)."""
     parent = os.getpid()
+    gate = threading.Barrier(idle_workers + 1) if idle_workers else None
     result = {}
 
     class Handler(mod.StreamRequestHandler):
         def handle(self):
             line = self.rfile.readline()
+            if line == b"warm\n":
+                gate.wait(8.0)  # all of them at once: one thread each
+                self.wfile.write(line)
+                return
             if os.getpid() != parent:
                 self.wfile.write(b"child:" + line)
                 self.server.child_served.set()
@@ -232,6 +232,13 @@ def fork_scenario(mod, threading_server: bool) -> dict:
     serve = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     serve.start()
     try:
+        warm = [threading.Thread(target=exchange, args=(server.server_address, b"warm\n"))
+                for _ in range(idle_workers)]
+        for thread in warm:
+            thread.start()
+        if gate is not None:
+            gate.wait(8.0)
+        result["warmed"] = all(joined(thread, 8.0) for thread in warm)
         with socket.create_connection(server.server_address, timeout=8.0) as first:
             first.sendall(b"fork\n")
             result["first"] = first.makefile("rb").readline().decode()
@@ -258,9 +265,14 @@ def scenario_fork_in_threaded_handler(mod) -> dict:
     return fork_scenario(mod, threading_server=True)
 
 
+def scenario_fork_beside_idle_workers(mod) -> dict:
+    return fork_scenario(mod, threading_server=True, idle_workers=3)
+
+
 def test_fork_in_handler_then_handle_request_in_child(mod):
     result = run_isolated("scenario_fork_in_handler", mod)
     assert result == {
+        "warmed": True,
         "first": "forked\n",
         "second": "child:hello\n",
         "child": "exit 0",
@@ -272,6 +284,22 @@ def test_fork_in_handler_then_handle_request_in_child(mod):
 def test_fork_in_threaded_handler_then_handle_request_in_child(mod):
     result = run_isolated("scenario_fork_in_threaded_handler", mod)
     assert result == {
+        "warmed": True,
+        "parent_stopped": True,
+        "first": "forked\n",
+        "second": "child:hello\n",
+        "child": "exit 0",
+        "shutdown_returned": True,
+        "serve_forever_returned": True,
+    }
+
+
+def test_fork_beside_idle_workers_then_handle_request_in_child(mod):
+    """The child inherits a pool whose idle workers it does not have (and whose lock
+    one of them may hold): its request must still get a thread."""
+    result = run_isolated("scenario_fork_beside_idle_workers", mod)
+    assert result == {
+        "warmed": True,
         "parent_stopped": True,
         "first": "forked\n",
         "second": "child:hello\n",

@@ -170,11 +170,14 @@ class ThreadingMixIn:
     __pool: _core.WorkerPool | None = None
 
     def _worker_pool(self) -> _core.WorkerPool:
+        # A pool inherited by a forked child reads as closed: the child makes its own.
         pool = self.__pool
         if pool is None or pool.closed:
             pool = _core.WorkerPool(self.max_threads, self.worker_idle_timeout)
             _live_pools.add(pool)
             self.__pool = pool
+        # Threads started from here on get what threading.Thread.start() would give.
+        pool.stack_size = threading.stack_size()
         return pool
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -193,8 +196,10 @@ class ThreadingMixIn:
 
     def _tracked_pool(self) -> _core.WorkerPool:
         pool = self._worker_pool()
-        if self.block_on_close and not isinstance(vars(self).get("_threads"), _Threads):
-            self._threads = _Threads(pool)
+        if self.block_on_close:
+            threads = vars(self).get("_threads")
+            if not isinstance(threads, _Threads) or threads._pool is not pool:
+                self._threads = _Threads(pool)
         return pool
 
     def _engine_pool(self, kind: int) -> _core.WorkerPool | None:
