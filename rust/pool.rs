@@ -11,8 +11,14 @@
 //! detached, until a worker is free, so the server stops accepting and new clients wait
 //! in the kernel's backlog instead of costing a thread each.
 //!
-//! Worker threads block asynchronous signals, so SIGINT/SIGTERM reach the main thread
-//! (whose waits they interrupt) and never a worker.
+//! Worker threads do not block signals: they keep their creator's mask, as a
+//! `threading.Thread` does. The mask is inherited by every process a handler starts
+//! (`subprocess` restores the caller's mask in the child), so a worker that blocked
+//! SIGTERM would start children that `Popen.terminate()` cannot stop. The kernel gives
+//! a signal sent to the process to its main thread whenever that thread does not block
+//! it, so SIGINT/SIGTERM still interrupt the main thread's wait at once; one that lands
+//! on a worker anyway is run by the main thread at its next wake (at the latest after
+//! `poll_interval`), as with the stdlib's threads.
 //!
 //! A reused thread must not carry one request's state into the next, since the stdlib
 //! gives every request a new thread: each job runs in a new, empty `contextvars`
@@ -318,35 +324,18 @@ fn report(py: Python<'_>, err: PyErr) {
     }
 }
 
-/// Spawn a worker with every asynchronous signal blocked (it inherits the mask).
+/// Spawn a worker. It keeps the signal mask of the thread that starts it, as a
+/// `threading.Thread` does (see the module doc).
 fn spawn_worker(shared: Arc<Shared>) -> std::io::Result<()> {
-    // SAFETY: plain sigset manipulation on local storage; the old mask is restored.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        for sync in [
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGILL,
-            libc::SIGTRAP,
-            libc::SIGSYS,
-        ] {
-            libc::sigdelset(&mut all, sync);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let stack = match shared.stack_size.load(Ordering::Relaxed) {
-            0 => default_stack_size(),
-            asked => asked,
-        };
-        let spawned = std::thread::Builder::new()
-            .name("fss-worker".into())
-            .stack_size(stack)
-            .spawn(move || worker(shared));
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        spawned.map(drop)
-    }
+    let stack = match shared.stack_size.load(Ordering::Relaxed) {
+        0 => default_stack_size(),
+        asked => asked,
+    };
+    std::thread::Builder::new()
+        .name("fss-worker".into())
+        .stack_size(stack)
+        .spawn(move || worker(shared))
+        .map(drop)
 }
 
 /// What a new pthread gets when its creator asks for nothing (what `threading.Thread`

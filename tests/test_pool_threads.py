@@ -193,3 +193,29 @@ def test_failed_thread_start_goes_to_handle_error(mod):
     Thread.start() raises) and its client gets no answer; the next one is served."""
     result = run_isolated(mod, "thread_start_fails")
     assert result == {"reported": ["RuntimeError"], "answers": ["", "served:hello\n"]}
+
+
+def test_handler_subprocess_can_be_terminated(mod):
+    """A process started by a handler gets the signal mask a thread of the stdlib
+    would give it, so Popen.terminate() stops it (a worker that blocked SIGTERM
+    would pass the block on to every child)."""
+
+    class Handler(mod.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                     stdin=subprocess.DEVNULL)
+            child.terminate()
+            try:
+                code = child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                code = "ignored SIGTERM"
+            self.wfile.write(f"{code}\n".encode())
+
+    server_cls = type("Server", (mod.ThreadingTCPServer,), {"daemon_threads": True})
+    server = server_cls(("127.0.0.1", 0), Handler)
+    with serving(server):
+        answer = exchange(server.server_address, b"go\n")
+    assert answer == b"-15\n"
