@@ -4,19 +4,32 @@ Runs N no-op jobs through `_core.WorkerPool` (max_threads=1, so one reused worke
 them all) and prints microseconds per job; run it with two builds to compare, e.g. the
 cost of giving every job a fresh context and thread-local state:
 
-    python benches/pool_job_cost.py [N]
+    python benches/pool_job_cost.py [N] [--state]
+
+With --state every job also sets a threading.local attribute and a ContextVar (so the
+per-job reset has something to clear).
 """
 
+import contextvars
 import sys
+import threading
 import time
 
 from fastsocketserver import _core
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 100_000
     pool = _core.WorkerPool(1, 5.0)
-    noop = (lambda: None)
+    local = threading.local()
+    var = contextvars.ContextVar("var")
+
+    def with_state() -> None:
+        local.value = 1
+        var.set(1)
+
+    noop = with_state if "--state" in sys.argv else (lambda: None)
     pool.submit(noop, ())
     pool.join()
     best = best_cpu = float("inf")

@@ -526,7 +526,7 @@ impl Connection {
 
     fn shutdown(&self, py: Python<'_>, how: i32) -> PyResult<()> {
         let usage = self.core.begin()?;
-        // shutdown(2) runs the peer's TCP path: do it detached (DESIGN.md §5).
+        // shutdown(2) runs the peer's TCP path: do it detached (ARCHITECTURE.md, The GIL rule).
         let rc = py.detach(|| unsafe { libc::shutdown(usage.fd, how) });
         syscall::check(rc)?;
         Ok(())

@@ -2,7 +2,7 @@
 //!
 //! A [`SocketCore`] is shared (behind an `Arc`) by a [`Connection`](crate::connection)
 //! and the reader/writer objects made from it. It owns the descriptor number and
-//! guarantees the two rules of DESIGN.md §11: an operation in flight holds a *use* of
+//! guarantees the two rules of ARCHITECTURE.md, Descriptors have owners: an operation in flight holds a *use* of
 //! the descriptor, and `close()` while uses are in flight only shuts the socket down
 //! (waking the blocked reader or writer); the real `close(2)` happens when the last use
 //! ends, under the same lock, so a reused descriptor number can never be hit by mistake.
@@ -26,7 +26,7 @@ struct FdState {
 pub struct SocketCore {
     state: Mutex<FdState>,
     /// Bytes a buffered writer (`wbufsize > 0`) queued and has not sent yet; the
-    /// reader sends them inside its next wait's GIL release (DESIGN.md §5). The lock
+    /// reader sends them inside its next wait's GIL release (ARCHITECTURE.md, The GIL rule). The lock
     /// is held only to move bytes in or out, never across a system call.
     outbox: Mutex<Vec<u8>>,
     mode: AtomicI64,

@@ -3,7 +3,7 @@
 //! When none of a server's dispatch hooks (`verify_request`, `process_request`,
 //! `finish_request`, `shutdown_request`, `close_request`, and for `ThreadingMixIn`
 //! `process_request_thread`) is overridden, the engine runs what their library versions
-//! do without calling them (DESIGN.md §3): instantiate `server.RequestHandlerClass(request,
+//! do without calling them (ARCHITECTURE.md, Fast path, compatible path): instantiate `server.RequestHandlerClass(request,
 //! client_address, server)`, send a handler exception to `handle_error` (through the
 //! server's `report(request, address, exc)`, which raises it inside an `except` block),
 //! and shut the connection down and close it. Nothing a handler can observe differs;

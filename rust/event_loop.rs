@@ -1,4 +1,4 @@
-//! `EventLoop`: the event-driven path of DESIGN.md §6.
+//! `EventLoop`: the evented path (ARCHITECTURE.md, Two handler paths).
 //!
 //! Handlers shaped like `asyncio.Protocol` (or `asyncio.DatagramProtocol`) run on the
 //! thread that serves, with no thread per connection and no thread wake per request.

@@ -3,7 +3,7 @@
 //! A pool of Rust-spawned threads that grows on demand (a new thread only when no idle
 //! one can take the request) and shrinks when idle (a thread retires after
 //! `idle_timeout` without work). Each thread attaches to the interpreter once, for its
-//! whole life, and detaches only to wait for work (DESIGN.md §5; the way granian's
+//! whole life, and detaches only to wait for work (ARCHITECTURE.md, The GIL rule; the way granian's
 //! blocking pool runs WSGI handlers). Jobs are Python callables with their arguments; an
 //! exception escaping a job goes to `threading.excepthook`, as for a `threading.Thread`.
 //!

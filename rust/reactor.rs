@@ -3,7 +3,7 @@
 //! One `mio::Poll` watches the listening socket and a `mio::Waker`. `shutdown()` from
 //! any thread wakes the wait at once (the stdlib waits out `poll_interval`).
 //!
-//! Two ways to use it, decided once per server (DESIGN.md §3):
+//! Two ways to use it, decided once per server (ARCHITECTURE.md, Fast path, compatible path):
 //! - *accepting* (the server's `get_request` is the library's own): `accept()` /
 //!   `recvfrom()` wait and take the next connection or datagram inside the same GIL
 //!   release. mio is edge-triggered, so after an event the listener counts as "maybe

@@ -2,7 +2,7 @@
 //!
 //! Reads are served from the buffer with no system call and no GIL release whenever the
 //! data is there; otherwise one release covers the `recv` that waits, after sending what
-//! a buffered `wfile` queued on the connection (DESIGN.md §5).
+//! a buffered `wfile` queued on the connection (ARCHITECTURE.md, The GIL rule).
 //! Semantics follow `socket.makefile('rb', n)`: `read(n)` waits for `n` bytes or EOF,
 //! `read1` returns what one receive gives, `readline(limit)`, `readlines(hint)`,
 //! `readinto`, `peek`, iteration. The buffer size is at least 1 (`makefile('rb', 0)`

@@ -2,7 +2,7 @@
 //!
 //! Nothing here calls into Python (a bad timeout's exception is built lazily, needing
 //! no GIL): every function is meant to run inside one
-//! `Python::detach` (DESIGN.md §5), and reports EINTR as [`Error::Interrupted`] so the
+//! `Python::detach` (ARCHITECTURE.md, The GIL rule), and reports EINTR as [`Error::Interrupted`] so the
 //! caller can re-attach, run the signal handlers and come back with the same deadline.
 //!
 //! Timeouts never change the descriptor's `O_NONBLOCK` flag: a socket with a timeout

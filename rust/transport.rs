@@ -2,7 +2,7 @@
 //!
 //! A transport never makes a system call. `write()` queues bytes on the connection's
 //! [`Channel`] and marks it dirty; the event loop sends everything queued inside its
-//! next GIL release (DESIGN.md §5, §6). Flow control follows asyncio: the protocol's
+//! next GIL release (ARCHITECTURE.md, The GIL rule). Flow control follows asyncio: the protocol's
 //! `pause_writing()` is called when the queue exceeds the high-water mark and
 //! `resume_writing()` when the loop has drained it to the low-water mark.
 //!

@@ -37,7 +37,7 @@ TEST_HARD_TIMEOUT = 120.0
 STDLIB = stdlib_socketserver
 
 #: names that Python 3.12 added to socketserver.__all__; fastsocketserver may
-#: export them on 3.11 as well (DESIGN.md section 2)
+#: export them on 3.11 as well (the compatibility contract covers 3.11-3.13)
 PY312_NAMES = {"ForkingUnixStreamServer", "ForkingUnixDatagramServer"}
 
 

@@ -80,7 +80,7 @@ def test_shutdown_while_idle(mod, kind_name, warm, unix_path):
         assert st.returned.wait(JOIN_TIMEOUT), "serve_forever did not return after shutdown()"
         assert st.exception is None
     if is_fast(mod):
-        # fastsocketserver wakes its reactor at once (DESIGN.md section 5)
+        # fastsocketserver wakes its reactor at once (docs/ARCHITECTURE.md, Signals)
         assert elapsed < 2.0, f"shutdown() took {elapsed:.2f}s with poll_interval=30"
 
 

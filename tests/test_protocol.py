@@ -1,4 +1,4 @@
-"""Event-driven handlers shaped like ``asyncio.Protocol`` (DESIGN.md section 6, issue 7).
+"""Event-driven handlers shaped like ``asyncio.Protocol`` (docs/ARCHITECTURE.md, Two handler paths).
 
 Differential tests: every scenario runs the same protocol class on two backends,
 

@@ -1509,7 +1509,7 @@ def test_signal_received_by_another_thread_stops_serve_forever(mod, base, main_t
 def test_signal_while_dispatch_waits_at_thread_cap(fast_mod, main_thread):
     """``max_threads=1`` (an engine extension): with the only worker busy, the
     loop waits in dispatch for a free worker.  A signal whose handler raises
-    must end serve_forever promptly (DESIGN 5: every wait runs the signal
+    must end serve_forever promptly (docs/ARCHITECTURE.md, Signals: every wait runs the signal
     handlers), not when the busy handler finishes; and a request that was
     handed to a worker must not be shut down under its running handler."""
     release = threading.Event()

@@ -1,6 +1,6 @@
 """Differential property tests for ``StreamRequestHandler.rfile`` / ``wfile``.
 
-The contract (DESIGN.md §4, §8): ``rfile`` of ``fastsocketserver`` behaves
+The contract (docs/ARCHITECTURE.md, Two handler paths): ``rfile`` of ``fastsocketserver`` behaves
 exactly like the stdlib's ``socket.makefile('rb', rbufsize)`` -- an
 ``io.BufferedReader`` over a blocking socket (a raw ``SocketIO`` when
 ``rbufsize == 0``) -- and ``wfile`` like the stdlib's writer: with
