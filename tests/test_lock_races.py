@@ -244,3 +244,58 @@ print("done")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done"
+
+
+@pytest.mark.parametrize("kind", ["TCPServer", "ThreadingTCPServer", "UDPServer", "UnixStreamServer", "protocol"])
+def test_servers_dropped_unclosed_under_collection(kind: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Servers shut down from one thread and then dropped without ``server_close()``
+    while another thread collects garbage without pause: no hang, and once they are all
+    collected every listener, poller and waker they had is closed."""
+    gc.collect()
+    fds_before = _fd_count()
+    collecting = threading.Event()
+    collecting.set()
+
+    def collector() -> None:
+        while collecting.is_set():
+            gc.collect()
+            time.sleep(random.choice([0, 0.0005]))
+
+    background = threading.Thread(target=collector, daemon=True)
+    background.start()
+    started = time.monotonic()
+    rounds = 0
+    try:
+        for rounds in range(1, ROUNDS // 2 + 1):
+            errors: list = []
+            server = _make(kind, tmp_path)
+
+            def serve(server=server) -> None:  # type: ignore[no-untyped-def]
+                try:
+                    server.serve_forever(poll_interval=random.choice([0.01, 0.5]))
+                except BaseException as exc:  # noqa: BLE001 -- reported by the test
+                    errors.append(exc)
+
+            serving = threading.Thread(target=serve)
+            serving.start()
+            if random.random() < 0.5:
+                _poke(server)
+            stopper = threading.Thread(target=server.shutdown)
+            stopper.start()
+            del server  # the threads hold the last references
+            deadline = time.monotonic() + ROUND_LIMIT
+            for t in (serving, stopper):
+                t.join(max(0.0, deadline - time.monotonic()))
+            if serving.is_alive() or stopper.is_alive():
+                pytest.fail(f"round {rounds} hung; threads:\n{_stacks()}")
+            assert not errors, errors
+            del serving, stopper, serve
+            if time.monotonic() - started > TEST_LIMIT:
+                break
+    finally:
+        collecting.clear()
+        background.join(ROUND_LIMIT)
+    assert rounds >= 50, f"only {rounds} rounds in {TEST_LIMIT} s"
+    for _ in range(3):
+        gc.collect()
+    assert _fd_count() <= fds_before
