@@ -144,7 +144,7 @@ impl Conn {
     /// Hand `data` to the protocol.
     fn deliver(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
         match self.sink.as_ref() {
-            Some(Sink::Native) => transport::write_slice(py, &self.transport.get().core, data),
+            Some(Sink::Native) => transport::write_slice(self.transport.bind(py), data),
             Some(Sink::Bytes(on_data)) => {
                 let data = PyBytes::new(py, data);
                 catch_panic(|| on_data.call1(py, (data,))).map(drop)
@@ -760,9 +760,7 @@ impl EventLoop {
                             .and_then(|c| c.protocol.as_ref().map(|p| p.clone_ref(py)))
                     };
                     if let Some(protocol) = protocol {
-                        let result =
-                            catch_panic(|| protocol.call_method0(py, "resume_writing")).map(drop);
-                        self.after_callback(py, st, token, result)?;
+                        self.resume_writing(py, st, token, protocol)?;
                     }
                 }
                 Event::Lost(token, why) => self.on_lost(py, st, token, why)?,
@@ -775,7 +773,8 @@ impl EventLoop {
                     };
                     if ep.native {
                         let data = &st.arena[start..start + len];
-                        transport::queue_datagram(py, &ep.transport.get().core, data, addr);
+                        let queued = transport::queue_datagram(ep.transport.bind(py), data, addr);
+                        self.after_callback(py, st, LISTENER.0, queued)?;
                         continue;
                     }
                     let data = PyBytes::new(py, &st.arena[start..start + len]);
@@ -890,6 +889,7 @@ impl EventLoop {
                     sockname: address::to_python(py, local)?.unbind(),
                     socket: Mutex::new(None),
                     fd,
+                    on_error: self.on_error.clone_ref(py),
                     family: self.family,
                     kind: self.kind,
                     proto: self.proto,
@@ -1018,6 +1018,33 @@ impl EventLoop {
         }
     }
 
+    /// `resume_writing()`: a failure goes to `handle_error` and the connection stays
+    /// open (asyncio sends it to the loop's exception handler and goes on);
+    /// `KeyboardInterrupt`/`SystemExit` propagate.
+    fn resume_writing(
+        &self,
+        py: Python<'_>,
+        st: &mut LoopState,
+        token: usize,
+        protocol: Py<PyAny>,
+    ) -> PyResult<()> {
+        let Err(err) = catch_panic(|| protocol.call_method0(py, "resume_writing")) else {
+            return Ok(());
+        };
+        if !is_handled(py, &err) {
+            return Err(err);
+        }
+        let transport = if token == LISTENER.0 {
+            st.datagram.as_ref().map(|ep| ep.transport.clone_ref(py))
+        } else {
+            conn_mut(&mut st.conns, token).map(|c| c.transport.clone_ref(py))
+        };
+        match transport {
+            Some(transport) => transport.get().core.report(transport.bind(py), err),
+            None => Err(err),
+        }
+    }
+
     /// After a callback: an ordinary exception goes to `handle_error` and aborts the
     /// connection; anything else (KeyboardInterrupt, SystemExit) propagates.
     fn after_callback(
@@ -1081,6 +1108,7 @@ impl EventLoop {
                 sockname: address::to_python(py, &local)?.unbind(),
                 socket: Mutex::new(None),
                 fd: self.fd,
+                on_error: self.on_error.clone_ref(py),
                 family: self.family,
                 kind: self.kind,
                 proto: self.proto,

@@ -480,3 +480,191 @@ def test_pause_reading_after_every_chunk_keeps_order(backend):
     assert rec.seq()[-2:] == ["eof_received", "connection_lost(None)"]
 
 
+
+
+# ---------------------------------------------------------------------------
+# 7. write flow control: pause_writing()/resume_writing() as asyncio calls them
+# ---------------------------------------------------------------------------
+
+FLOW_TOTAL = 8 * 1024 * 1024
+FLOW_CHUNK = 16 * 1024
+
+
+class FlowWriter:
+    """On b"go": write FLOW_TOTAL bytes in FLOW_CHUNKs while not paused (with the
+    transport's default limits unless ``limits``), go on at resume_writing, close at
+    the end. Records the buffer size at each pause and resume."""
+
+    limits = None
+    fail_in = ()  # flow callbacks that raise (after recording)
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if self.limits is not None:
+            transport.set_write_buffer_limits(**self.limits)
+        self.rec.checks["limits"] = transport.get_write_buffer_limits()
+        self.rec.checks["at_pause"] = []
+        self.rec.checks["at_resume"] = []
+        self.paused = False
+        self.sent = 0
+
+    def data_received(self, data):
+        super().data_received(data)
+        if b"go" in data:
+            self.produce()
+
+    def produce(self):
+        t = self.transport
+        while not self.paused and self.sent < FLOW_TOTAL:
+            n = min(FLOW_CHUNK, FLOW_TOTAL - self.sent)
+            t.write(tp.pattern(self.sent, n))
+            self.sent += n
+        if self.sent >= FLOW_TOTAL and not t.is_closing():
+            t.close()
+
+    def pause_writing(self):
+        super().pause_writing()
+        self.paused = True
+        self.rec.checks["at_pause"].append(self.transport.get_write_buffer_size())
+        if "pause_writing" in self.fail_in:
+            raise ValueError("boom in pause_writing")
+
+    def resume_writing(self):
+        super().resume_writing()
+        self.paused = False
+        self.rec.checks["at_resume"].append(self.transport.get_write_buffer_size())
+        if "resume_writing" in self.fail_in:
+            # produce first, as a protocol that fails late would
+            self.transport.get_extra_info("peername")
+            try:
+                self.produce()
+            finally:
+                raise ValueError("boom in resume_writing")
+        self.produce()
+
+
+def run_flow_writer(backend, P, **kwargs):
+    """The writer against a client that reads nothing for a while, then everything.
+    Returns (callbacks while stalled, the record, the runner)."""
+    with running(backend, P, **kwargs) as r:
+        with r.connect() as c:
+            c.sendall(b"go")
+            assert wait_until(lambda: P.log.count("pause_writing") >= 1), \
+                "pause_writing was never called"
+            time.sleep(0.3)
+            rec = tp.only_conn(P.log)
+            stalled = rec.names()
+            got = bytearray()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                data = c.recv(1 << 16)
+                if not data:
+                    break
+                got += data
+        wait_lost(P.log)
+    assert len(got) == FLOW_TOTAL
+    assert bytes(got) == b"".join(tp.pattern(o, min(FLOW_CHUNK, FLOW_TOTAL - o))
+                                  for o in range(0, FLOW_TOTAL, FLOW_CHUNK))
+    return stalled, rec, r
+
+
+@pytest.mark.parametrize("limits", [None, {"high": 256 * 1024}, {"high": 4096, "low": 0}])
+def test_pause_writing_called_as_often_as_asyncio(limits):
+    """The same writer on both backends: while the peer reads nothing, exactly one
+    pause_writing and no resume_writing (the kernel's buffers fill first, then the
+    transport's); once the peer reads, as many pauses as asyncio, within a small
+    tolerance (how often the writer outruns the reader depends on scheduling)."""
+    fss()
+    counts = {}
+    for backend in ("asyncio", "fast"):
+        P = make_protocol(FlowWriter)
+        P.limits = limits
+        stalled, rec, _ = run_flow_writer(backend, P)
+        low, high = rec.checks["limits"]
+        assert stalled.count("pause_writing") == 1, (backend, stalled)
+        assert stalled.count("resume_writing") == 0, (backend, stalled)
+        names = rec.seq(flow=True)
+        flow = names[2:-1]
+        assert flow == ["pause_writing", "resume_writing"] * (len(flow) // 2), (backend, names)
+        assert names[-1] == "connection_lost(None)"
+        assert all(high < b <= high + FLOW_CHUNK for b in rec.checks["at_pause"]), \
+            (backend, rec.checks["at_pause"])
+        assert all(b <= low for b in rec.checks["at_resume"]), (backend, rec.checks)
+        counts[backend] = flow.count("pause_writing")
+    assert abs(counts["fast"] - counts["asyncio"]) <= max(3, counts["asyncio"] // 2), counts
+
+
+@pytest.mark.parametrize("where", ["pause_writing", "resume_writing"])
+def test_flow_callback_exception_goes_to_the_error_handler(backend, where):
+    """asyncio sends an exception from pause_writing()/resume_writing() to the loop's
+    exception handler and leaves the connection open; here it goes to handle_error."""
+    P = make_protocol(FlowWriter)
+    P.fail_in = (where,)
+    errors = []
+    kwargs = {}
+    if backend == "fast":
+        kwargs["attrs"] = {"handle_error": tp.ErrorRecordingServer.handle_error,
+                           "errors": errors}
+    stalled, rec, r = run_flow_writer(backend, P, **kwargs)
+    names = rec.seq(flow=True)
+    assert names[-1] == "connection_lost(None)", names
+    if backend == "asyncio":
+        # (asyncio 3.11 also reports its own double _call_connection_lost when a
+        # protocol closes from resume_writing: not the protocol's failure)
+        ours = [ctx for ctx in r.loop_errors if ctx["message"].startswith("protocol.")]
+        reported = [ctx["exception"] for ctx in ours]
+        messages = {ctx["message"] for ctx in ours}
+        assert messages == {f"protocol.{where}() failed"}, messages
+    else:
+        reported = [exc for _request, _addr, exc in errors]
+        assert all(req is rec.transport for req, _a, _e in errors)
+    assert reported and all(isinstance(e, ValueError) and where in str(e) for e in reported)
+    assert len(reported) == names.count(where), (reported, names)
+
+
+class LimitArgs:
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        c = self.rec.checks
+        for args in [dict(high=-1), dict(low=-1), dict(high=10, low=11),
+                     dict(high=-4, low=-1), dict(high=0), dict(high=0, low=0),
+                     dict(low=0), dict(high=3), dict(low=5), dict(high=7, low=7)]:
+            try:
+                transport.set_write_buffer_limits(**args)
+            except ValueError as exc:
+                c[str(args)] = ("ValueError", str(exc))
+            else:
+                c[str(args)] = transport.get_write_buffer_limits()
+        try:
+            transport.set_write_buffer_limits("x")
+        except TypeError:
+            c["str"] = "TypeError"
+        c["size"] = transport.get_write_buffer_size()
+        transport.set_write_buffer_limits()
+        c["default"] = transport.get_write_buffer_limits()
+        transport.write(b"ok")
+        transport.close()
+
+
+def test_write_buffer_limit_arguments_as_asyncio(backend):
+    P = make_protocol(LimitArgs)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            assert recv_until_eof(c) == b"ok"
+        wait_lost(P.log)
+    checks = tp.only_conn(P.log).checks
+    assert checks == {
+        "{'high': -1}": ("ValueError", "high (-1) must be >= low (-1) must be >= 0"),
+        "{'low': -1}": ("ValueError", "high (-4) must be >= low (-1) must be >= 0"),
+        "{'high': 10, 'low': 11}": ("ValueError", "high (10) must be >= low (11) must be >= 0"),
+        "{'high': -4, 'low': -1}": ("ValueError", "high (-4) must be >= low (-1) must be >= 0"),
+        "{'high': 0}": (0, 0),
+        "{'high': 0, 'low': 0}": (0, 0),
+        "{'low': 0}": (0, 0),
+        "{'high': 3}": (0, 3),
+        "{'low': 5}": (5, 20),
+        "{'high': 7, 'low': 7}": (7, 7),
+        "str": "TypeError",
+        "size": 0,
+        "default": (16 * 1024, 64 * 1024),
+    }
