@@ -30,6 +30,7 @@
 //! has already handed to another socket. Nothing here closes a bare number.
 
 use crate::address;
+use crate::buffer::RawBuffer;
 use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::native::NativeEcho;
 use crate::syscall::{self, Mode, RawAddr};
@@ -116,6 +117,42 @@ enum Sink {
     Native,
     /// `data_received(bytes)` (the bound method).
     Bytes(Py<PyAny>),
+    /// An `asyncio.BufferedProtocol`: the bytes are written into the buffer its
+    /// `get_buffer(-1)` returns, then `buffer_updated(nbytes)`, as often as the
+    /// buffers' sizes need (the bound methods).
+    Buffered {
+        get_buffer: Py<PyAny>,
+        buffer_updated: Py<PyAny>,
+    },
+}
+
+/// The bound method `get_buffer(-1)` returned a buffer of: a writable contiguous
+/// export, never empty (asyncio's `RuntimeError`); what the selector loop of asyncio
+/// passes as the size hint is -1 (any size).
+fn protocol_buffer(py: Python<'_>, get_buffer: &Py<PyAny>) -> PyResult<RawBuffer> {
+    let buf = catch_panic(|| get_buffer.call1(py, (-1,)))?;
+    let view = RawBuffer::writable(buf.bind(py), "get_buffer() result")?;
+    if view.len() == 0 {
+        return Err(PyRuntimeError::new_err(
+            "get_buffer() returned an empty buffer",
+        ));
+    }
+    Ok(view)
+}
+
+/// A protocol takes its data through `get_buffer()`/`buffer_updated()`: an instance of
+/// `asyncio.BufferedProtocol` (what asyncio checks), or a duck-typed protocol with a
+/// `get_buffer` and no `data_received`.
+fn is_buffered(py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let modules = py.import("sys")?.getattr("modules")?;
+    if let Some(asyncio) = modules.get_item("asyncio").ok().filter(|m| !m.is_none()) {
+        if let Ok(buffered) = asyncio.getattr("BufferedProtocol") {
+            if protocol.is_instance(&buffered)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(!protocol.hasattr("data_received")? && protocol.hasattr("get_buffer")?)
 }
 
 /// Whether received data may go to the protocol now.
@@ -142,14 +179,55 @@ impl Conn {
     }
 
     /// Hand `data` to the protocol.
-    fn deliver(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    fn deliver(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
         match self.sink.as_ref() {
             Some(Sink::Native) => transport::write_slice(self.transport.bind(py), data),
             Some(Sink::Bytes(on_data)) => {
                 let data = PyBytes::new(py, data);
                 catch_panic(|| on_data.call1(py, (data,))).map(drop)
             }
+            Some(Sink::Buffered {
+                get_buffer,
+                buffer_updated,
+            }) => {
+                let (get_buffer, buffer_updated) =
+                    (get_buffer.clone_ref(py), buffer_updated.clone_ref(py));
+                let mut rest = data;
+                while !rest.is_empty() {
+                    let view = protocol_buffer(py, &get_buffer)?;
+                    let n = view.len().min(rest.len());
+                    // SAFETY: the export is writable, contiguous and `view.len()` >= n
+                    // bytes long; it stays pinned until `view` is dropped below.
+                    unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), view.ptr().get(), n) };
+                    drop(view);
+                    rest = &rest[n..];
+                    catch_panic(|| buffer_updated.call1(py, (n,)))?;
+                    if rest.is_empty() {
+                        break;
+                    }
+                    // buffer_updated() may have paused reading or closed the transport.
+                    match self.gate(py, false) {
+                        Gate::Open => {}
+                        Gate::Hold => {
+                            self.held.splice(0..0, rest.iter().copied());
+                            break;
+                        }
+                        Gate::Drop => break,
+                    }
+                }
+                Ok(())
+            }
             None => Ok(()),
+        }
+    }
+
+    /// Before `eof_received()`: a buffered protocol is asked for a buffer first, as
+    /// asyncio asks before the read that finds the end of stream (an empty one fails
+    /// the connection there, with no `eof_received()`).
+    fn before_eof(&self, py: Python<'_>) -> PyResult<()> {
+        match self.sink.as_ref() {
+            Some(Sink::Buffered { get_buffer, .. }) => protocol_buffer(py, get_buffer).map(drop),
+            _ => Ok(()),
         }
     }
 
@@ -825,7 +903,10 @@ impl EventLoop {
             }
             Gate::Drop => return Ok(()),
         }
-        let result = catch_panic(|| protocol.call_method0(py, "eof_received"))
+        let protocol = protocol.clone_ref(py);
+        let result = conn
+            .before_eof(py)
+            .and_then(|()| catch_panic(|| protocol.call_method0(py, "eof_received")))
             .and_then(|keep| keep.is_truthy(py));
         match result {
             Ok(true) => Ok(()),
@@ -945,6 +1026,11 @@ impl EventLoop {
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
             let sink = if protocol.bind(py).is_instance_of::<NativeEcho>() {
                 Sink::Native
+            } else if is_buffered(py, protocol.bind(py))? {
+                Sink::Buffered {
+                    get_buffer: protocol.getattr(py, "get_buffer")?,
+                    buffer_updated: protocol.getattr(py, "buffer_updated")?,
+                }
             } else {
                 Sink::Bytes(protocol.getattr(py, "data_received")?)
             };

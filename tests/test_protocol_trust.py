@@ -32,6 +32,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import test_protocol as tp
 from test_protocol import (
@@ -668,3 +670,277 @@ def test_write_buffer_limit_arguments_as_asyncio(backend):
         "size": 0,
         "default": (16 * 1024, 64 * 1024),
     }
+
+
+# ---------------------------------------------------------------------------
+# 8. asyncio.BufferedProtocol on stream connections
+# ---------------------------------------------------------------------------
+
+class BufferedRecording:
+    """A BufferedProtocol recording get_buffer/buffer_updated; ``size`` is the length
+    of each buffer it hands out; data arrives in ``rec.data``."""
+
+    size = 65536
+    give = "bytearray"  # or "memoryview", "empty", "bytes", "raise"
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.buf = bytearray(self.size)
+
+    def get_buffer(self, sizehint):
+        self.rec.add("get_buffer", sizehint)
+        if self.give == "raise":
+            self.raised = ValueError("boom in get_buffer")
+            raise self.raised
+        if self.give == "empty":
+            return bytearray()
+        if self.give == "bytes":
+            return bytes(self.size)
+        if self.give == "memoryview":
+            return memoryview(self.buf)[: self.size]
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        assert 0 < nbytes <= self.size
+        chunk = bytes(self.buf[:nbytes])
+        self.rec.data += chunk
+        self.rec.add("buffer_updated", nbytes)
+        self.on_chunk(chunk)
+
+    def on_chunk(self, chunk):
+        self.transport.write(chunk)
+
+
+def buffered_seq(rec):
+    """The callback sequence with each get_buffer + buffer_updated pair as "data" and
+    runs of those collapsed (their number depends on how the bytes arrive)."""
+    events = list(rec.events)
+    out = []
+    i = 0
+    while i < len(events):
+        name = events[i][0]
+        if (name == "get_buffer" and i + 1 < len(events)
+                and events[i + 1][0] == "buffer_updated"):
+            if not out or out[-1] != "data":
+                out.append("data")
+            i += 2
+            continue
+        if name == "connection_lost":
+            name = f"{name}({tp.exc_name(events[i][1])})"
+        out.append(name)
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+@pytest.mark.parametrize("give", ["bytearray", "memoryview"])
+def test_buffered_protocol_echo(backend, kind, give):
+    P = make_protocol(BufferedRecording, base=asyncio.BufferedProtocol)
+    P.give = give
+    payload = bytes(range(256)) * 1000
+    with running(backend, P, kind) as r:
+        with r.connect() as c:
+            c.sendall(b"hello")
+            assert recv_exactly(c, 5) == b"hello"
+            c.sendall(payload)
+            assert recv_exactly(c, len(payload)) == payload
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert bytes(rec.data) == b"hello" + payload
+    names = rec.names()
+    assert "data_received" not in names
+    assert all(ev[1] == -1 for ev in rec.events if ev[0] == "get_buffer")
+    # every buffer_updated follows its own get_buffer; one more get_buffer finds the EOF
+    assert names.count("get_buffer") == names.count("buffer_updated") + 1, names
+    assert buffered_seq(rec) == ["connection_made", "data", "get_buffer", "eof_received",
+                                 "connection_lost(None)"], names
+
+
+class DuckBuffered:
+    """Duck-typed: no asyncio base class, no data_received."""
+
+    made: list = []
+
+    def __init__(self):
+        self.events = []
+        DuckBuffered.made.append(self)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = bytearray(3)
+        self.events.append("connection_made")
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.events.append(bytes(self.buf[:nbytes]))
+        self.transport.write(self.buf[:nbytes])
+
+    def eof_received(self):
+        self.events.append("eof_received")
+
+    def connection_lost(self, exc):
+        self.events.append("connection_lost")
+
+
+def test_fast_duck_typed_buffered_protocol():
+    """A class with get_buffer/buffer_updated and no data_received is served as a
+    buffered protocol (asyncio itself only checks isinstance BufferedProtocol)."""
+    fss()
+    made = DuckBuffered.made
+    made.clear()
+    assert fss()._servers._is_protocol_class(DuckBuffered)
+    with running("fast", DuckBuffered) as r:
+        with r.connect() as c:
+            c.sendall(b"duck!")
+            assert recv_exactly(c, 5) == b"duck!"
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        assert wait_until(lambda: made and "connection_lost" in made[0].events)
+    events = made[0].events
+    assert events[0] == "connection_made"
+    assert b"".join(e for e in events if isinstance(e, bytes)) == b"duck!"
+    assert events[-2:] == ["eof_received", "connection_lost"]
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.sampled_from([1, 3, 7, 100, 4096]),
+       segments=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=8))
+def test_buffered_protocol_small_buffers_and_segmentation(backend, size, segments):
+    """Any buffer size, any segmentation: the bytes arrive whole and in order, no
+    buffer_updated larger than its buffer (checked in the protocol)."""
+    P = make_protocol(BufferedRecording, base=asyncio.BufferedProtocol)
+    P.size = size
+    payload = b"".join(segments)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            for seg in segments:
+                c.sendall(seg)
+            assert recv_exactly(c, len(payload)) == payload
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert bytes(rec.data) == payload
+    assert buffered_seq(rec)[-3:] == ["get_buffer", "eof_received", "connection_lost(None)"]
+
+
+@pytest.mark.parametrize("give,exc", [("raise", "ValueError"), ("empty", "RuntimeError"),
+                                      ("bytes", "TypeError")])
+def test_buffered_protocol_bad_get_buffer(backend, give, exc):
+    """get_buffer() raising, or returning an empty or read-only buffer, fails that
+    connection: connection_lost(exc), the error reported, other connections served."""
+    P = make_protocol(BufferedRecording, base=asyncio.BufferedProtocol)
+    errors = []
+    kwargs = {}
+    if backend == "fast":
+        kwargs["attrs"] = {"handle_error": tp.ErrorRecordingServer.handle_error,
+                           "errors": errors}
+    with running(backend, P, **kwargs) as r:
+        with r.connect() as good:
+            good.sendall(b"one")
+            assert recv_exactly(good, 3) == b"one"
+            with r.connect() as bad:
+                wait_conns(P.log, 2)
+                P.log.conns[1].proto.give = give  # before its first get_buffer
+                bad.sendall(b"two")
+                assert tp.peer_end(bad) in ("eof", "reset")
+            wait_lost(P.log)
+            good.sendall(b"three")
+            assert recv_exactly(good, 5) == b"three"
+        wait_lost(P.log, 2)
+    rec = P.log.conns[1]
+    assert rec.names() == ["connection_made", "get_buffer", "connection_lost"], rec.names()
+    assert type(rec.lost_exc).__name__ == exc
+    if give == "empty":
+        assert str(rec.lost_exc) == "get_buffer() returned an empty buffer"
+    if give == "raise":
+        assert rec.lost_exc is rec.proto.raised
+    if backend == "asyncio":
+        assert [type(ctx["exception"]).__name__ for ctx in r.loop_errors] == [exc]
+    else:
+        assert [type(e).__name__ for _r, _a, e in errors] == [exc]
+        assert errors[0][2] is rec.lost_exc
+
+
+class BufferedEmptyAtEof(BufferedRecording):
+    """Gives a buffer for data, an empty one after the peer's b"!" (so the read that
+    finds the end of stream fails)."""
+
+    def get_buffer(self, sizehint):
+        if self.rec.data.endswith(b"!"):
+            self.give = "empty"
+        return super().get_buffer(sizehint)
+
+
+def test_buffered_protocol_empty_buffer_at_eof(backend):
+    P = make_protocol(BufferedEmptyAtEof, base=asyncio.BufferedProtocol)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(b"data!")
+            assert recv_exactly(c, 5) == b"data!"
+            c.shutdown(socket.SHUT_WR)
+            assert tp.peer_end(c) in ("eof", "reset")
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    names = rec.names()
+    assert "eof_received" not in names, names
+    assert names[-2:] == ["get_buffer", "connection_lost"], names
+    assert isinstance(rec.lost_exc, RuntimeError)
+
+
+class BufferedCloseAfterFirst(BufferedRecording):
+    """A 4-byte buffer; closes the transport at the first buffer_updated."""
+    size = 4
+
+    def on_chunk(self, chunk):
+        self.transport.write(chunk)
+        self.transport.close()
+
+
+def test_buffered_protocol_close_in_buffer_updated_stops_delivery(backend):
+    P = make_protocol(BufferedCloseAfterFirst, base=asyncio.BufferedProtocol)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(b"abcdefghij")
+            # (the rest unread at the close: asyncio then resets the connection)
+            assert tp.peer_end(c) in ("eof", "reset")
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert bytes(rec.data) == b"abcd"
+    assert rec.names() == ["connection_made", "get_buffer", "buffer_updated",
+                           "connection_lost"], rec.names()
+
+
+class BufferedPauseAtFirst(BufferedRecording):
+    """A 4-byte buffer; pauses reading at the first buffer_updated."""
+    size = 4
+
+    def on_chunk(self, chunk):
+        self.transport.write(chunk)
+        if len(self.rec.data) == len(chunk):
+            self.transport.pause_reading()
+
+
+def test_buffered_protocol_pause_reading_in_buffer_updated(backend):
+    P = make_protocol(BufferedPauseAtFirst, base=asyncio.BufferedProtocol)
+    payload = bytes(range(256)) * 40
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(payload)
+            assert recv_exactly(c, 4) == payload[:4]
+            time.sleep(0.2)
+            rec = tp.only_conn(P.log)
+            assert bytes(rec.data) == payload[:4]
+            call_soon(r, rec.transport.resume_reading)
+            assert recv_exactly(c, len(payload) - 4) == payload[4:]
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        wait_lost(P.log)
+    assert bytes(rec.data) == payload
+    assert buffered_seq(rec) == ["connection_made", "data", "get_buffer", "eof_received",
+                                 "connection_lost(None)"]
