@@ -306,6 +306,10 @@ pub struct EventLoop {
     closing: AtomicBool,
     /// Open connections (what `connections` reports, also from inside a callback).
     open: AtomicUsize,
+    /// The process that made the loop. A forked child (`os.fork()` in a callback, say)
+    /// shares the parent's epoll instance and eventfd: there the loop never touches
+    /// them (see `stale`).
+    pid: libc::pid_t,
 }
 
 fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
@@ -1330,12 +1334,24 @@ fn close_socket(poll: Option<&Poll>, conn: &mut Conn) -> bool {
 }
 
 /// At the loop's end, close every descriptor it owns: the `unclaimed` ones and each open
-/// connection's (marked closed for its transport). No callback runs here; detached.
-fn close_descriptors(unclaimed: Vec<OwnedFd>, conns: &mut [Option<Conn>], poll: Option<&Poll>) {
+/// connection's (marked closed for its transport). Nothing is deregistered: the poller
+/// is dropped next (and in a forked child it is the parent's). No callback runs here;
+/// detached.
+fn close_descriptors(unclaimed: Vec<OwnedFd>, conns: &mut [Option<Conn>]) {
     drop(unclaimed);
     for conn in conns.iter_mut().flatten() {
-        close_socket(poll, conn);
+        close_socket(None, conn);
     }
+}
+
+/// At the loop's end: the datagram endpoint's transport is dead (`sendto` ignored,
+/// no socket made for `get_extra_info`: the server's socket may be closed by now).
+fn end_endpoint(ep: &DatagramEndpoint) {
+    ep.chan
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .closed = true;
 }
 
 /// Close a connection's descriptor now (detached phase) and queue its `connection_lost`.
@@ -1356,7 +1372,10 @@ fn close_conn(
 impl Drop for EventLoop {
     /// A loop dropped without `close()` (its server collected without `server_close()`)
     /// still closes the descriptors it owns (connections, the poller, the waker); no
-    /// callback runs.
+    /// connection's callback runs. The datagram endpoint ends: its transport is marked
+    /// dead and its protocol gets `connection_lost(None)` (once: not if it got it
+    /// already); an exception from it goes to `sys.unraisablehook` (no server is left
+    /// to report to). In a forked child the endpoint is the parent's: no callback.
     ///
     /// Drop runs in the object's deallocation, with the GIL held. The owners are moved
     /// out first and closed with the GIL released (`Python::attach` only gets the token
@@ -1366,17 +1385,33 @@ impl Drop for EventLoop {
     /// lock while attached cannot wait on a thread that needs the GIL: its only other
     /// holders (`wake`, `close`) hold it for a non-blocking system call at most.
     fn drop(&mut self) {
+        let stale = self.stale();
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         let poll = st.poll.take();
         let waker = self.shared.take_waker();
+        let datagram = st.datagram.take();
         let conns = &mut st.conns;
         Python::attach(|py| {
             py.detach(|| {
-                close_descriptors(unclaimed, conns, poll.as_ref());
+                close_descriptors(unclaimed, conns);
+                if let Some(ep) = datagram.as_ref() {
+                    end_endpoint(ep);
+                }
                 drop(poll);
                 drop(waker);
-            })
+            });
+            let Some(ep) = datagram else {
+                return;
+            };
+            if let Some(protocol) = ep.protocol.as_ref().filter(|_| !stale) {
+                if let Err(err) =
+                    catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),)))
+                {
+                    err.write_unraisable(py, Some(protocol.bind(py)));
+                }
+            }
+            ep.transport.get().core.release(py);
         });
     }
 }
@@ -1447,6 +1482,8 @@ impl EventLoop {
             closing: AtomicBool::new(false),
             stop_wakes: AtomicU64::new(0),
             open: AtomicUsize::new(0),
+            // SAFETY: getpid has no preconditions.
+            pid: unsafe { libc::getpid() },
         })
     }
 
@@ -1474,7 +1511,12 @@ impl EventLoop {
     }
 
     /// Wake the loop's current (or next) wait.
+    ///
+    /// In a forked child it does nothing: the eventfd is the parent's.
     fn wake(&self) -> PyResult<()> {
+        if self.stale() {
+            return Ok(());
+        }
         self.stop_wakes.fetch_add(1, Ordering::AcqRel);
         self.shared.wake().map_err(Error::from)?;
         Ok(())
@@ -1490,7 +1532,9 @@ impl EventLoop {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => {
-                let _ = py.detach(|| self.shared.wake());
+                if !self.stale() {
+                    let _ = py.detach(|| self.shared.wake());
+                }
                 if self.running_here() {
                     // A callback (or signal handler) of this loop's own round: the
                     // round finishes the close when it ends.
@@ -1513,22 +1557,23 @@ impl EventLoop {
         drop(guard);
         // Transports may outlive the loop; its eventfd must not.
         let waker = self.shared.take_waker();
+        // Nothing is deregistered: the poller goes now, and its registrations with it.
+        // The listener's number may already be closed (or another socket's), and in a
+        // forked child the epoll instance is the parent's, whose registrations stay.
         py.detach(|| {
-            close_descriptors(unclaimed, &mut conns, poll.as_ref());
-            if let Some(poll) = poll.as_ref() {
-                let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
-            }
+            close_descriptors(unclaimed, &mut conns);
             if let Some(ep) = datagram.as_ref() {
-                ep.chan
-                    .state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .closed = true;
+                end_endpoint(ep);
             }
             drop(poll);
             drop(waker);
         });
         self.open.store(0, Ordering::Relaxed);
+        if self.stale() {
+            // A forked child's copy: the connections and their protocols are the
+            // parent's; the child only lets go of its descriptors.
+            return Ok(());
+        }
         let mut first_err = None;
         let mut lost = |protocol: &Py<PyAny>| {
             if let Err(err) =
@@ -1573,6 +1618,15 @@ impl EventLoop {
     #[getter]
     fn fd(&self) -> RawFd {
         self.fd
+    }
+
+    /// True in a process other than the one that made the loop (a forked child): the
+    /// server then makes a fresh loop there, and this one only lets go of its
+    /// descriptors, leaving the shared poller alone.
+    #[getter]
+    fn stale(&self) -> bool {
+        // SAFETY: getpid has no preconditions.
+        unsafe { libc::getpid() != self.pid }
     }
 }
 

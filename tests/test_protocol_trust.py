@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.trsock
 import gc
+import os
 import socket
 import threading
 import time
@@ -944,3 +945,156 @@ def test_buffered_protocol_pause_reading_in_buffer_updated(backend):
     assert bytes(rec.data) == payload
     assert buffered_seq(rec) == ["connection_made", "data", "get_buffer", "eof_received",
                                  "connection_lost(None)"]
+
+
+# ---------------------------------------------------------------------------
+# 9. the loop's end: datagram endpoints, the listener, forked children
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["server_close", "dropped"])
+def test_fast_loop_end_ends_the_datagram_transport(how):
+    """server_close(), or the server collected without it: the datagram protocol gets
+    connection_lost(None) once and its transport is dead (no sendto, no socket made
+    on what may by now be another descriptor's number)."""
+    fss()
+    P = make_dgram_protocol()
+    holder = {"server": fss().UDPServer(("127.0.0.1", 0), P)}
+    address = holder["server"].server_address
+    t = threading.Thread(target=holder["server"].serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    try:
+        wait_conns(P.log, 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(CLIENT_TIMEOUT)
+            c.sendto(b"ping", address)
+            assert wait_until(lambda: P.log.count("datagram_received") == 1)
+    finally:
+        holder["server"].shutdown()
+        t.join(ROUND_TIMEOUT)
+    assert not t.is_alive()
+    rec = tp.only_conn(P.log)
+    transport = rec.transport
+    assert not transport.is_closing()
+    if how == "server_close":
+        holder["server"].server_close()
+    else:
+        with pytest.warns(ResourceWarning):  # the server's socket, as the stdlib's
+            holder.clear()
+            gc.collect()
+    assert rec.names().count("connection_lost") == 1, rec.names()
+    assert rec.lost_exc is None
+    assert transport.is_closing()
+    # the descriptor number is free now: whatever gets it is not the transport's
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        assert transport.get_extra_info("socket") is None
+        transport.sendto(b"ignored", ("127.0.0.1", 9))  # dropped without a word
+    gc.collect()
+    assert rec.names().count("connection_lost") == 1, rec.names()
+
+
+class ForkInCallback:
+    """On b"fork": os.fork(). The parent answers b"forked"; the child ends its copy of
+    the loop (``child_end``: server_close() in the callback, or it leaves the loop
+    with SystemExit, then closes or drops it) and exits. Anything else is echoed."""
+
+    holder: dict
+    child_end = "server_close"
+
+    def data_received(self, data):
+        super().data_received(data)
+        if data != b"fork":
+            self.transport.write(data)
+            return
+        pid = os.fork()
+        if pid:
+            self.holder["children"].append(pid)
+            self.transport.write(b"forked")
+            return
+        # the child
+        self.holder["child"] = True
+        if self.child_end == "server_close":
+            self.holder["server"].server_close()  # finished when this round ends
+        else:
+            raise SystemExit("child")
+
+
+def _wait_child(pid, timeout=ROUND_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child did not exit")
+
+
+@pytest.mark.parametrize("child_end", ["server_close", "close", "dropped"])
+def test_fast_forked_child_leaves_the_parents_poller_alone(child_end):
+    """A child forked in a callback shares the parent's epoll instance: when it closes
+    (or drops) its copy of the loop, the parent's connections and listener stay
+    registered; the parent goes on serving both."""
+    fss()
+    P = make_protocol(ForkInCallback)
+    holder = {"children": []}
+    P.holder = holder
+    P.child_end = child_end
+    holder["server"] = fss().TCPServer(("127.0.0.1", 0), P)
+    address = holder["server"].server_address
+    parent = os.getpid()
+
+    def serve():
+        try:
+            holder["server"].serve_forever(0.05)
+        except SystemExit:
+            if os.getpid() == parent:
+                raise
+        finally:
+            if os.getpid() != parent:
+                # the child: drop its copy of the loop (or what close left), then go
+                code = 0
+                try:
+                    server = holder.pop("server")
+                    loop = server._BaseServer__reactor
+                    if child_end == "server_close":
+                        assert loop is None
+                    else:
+                        # (its stale flag says whose it is: exit code 5 if not)
+                        code = 0 if getattr(loop, "stale", None) is True else 5
+                        if child_end == "close":
+                            loop.close()  # with the listener still open here
+                        server._BaseServer__reactor = None
+                        del loop, server
+                        gc.collect()
+                except BaseException:
+                    code = 3
+                os._exit(code)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as a:
+            with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as b:
+                a.sendall(b"one")
+                assert recv_exactly(a, 3) == b"one"
+                b.sendall(b"fork")
+                assert recv_exactly(b, 6) == b"forked"
+                assert len(holder["children"]) == 1
+                child_code = _wait_child(holder["children"][0])
+                # the parent's registrations are intact: the listener's (the child's
+                # close does not deregister it by number) ...
+                with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as c:
+                    c.sendall(b"new")
+                    assert recv_exactly(c, 3) == b"new"
+                # ... and the connections' (nor does it or its drop deregister those)
+                a.sendall(b"two")
+                assert recv_exactly(a, 3) == b"two"
+                b.sendall(b"three")
+                assert recv_exactly(b, 5) == b"three"
+        assert child_code == 0
+    finally:
+        holder["server"].shutdown()
+        t.join(ROUND_TIMEOUT)
+        holder["server"].server_close()
+    assert not t.is_alive()
