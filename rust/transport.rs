@@ -397,8 +397,17 @@ impl BaseTransport {
         self.core.is_closing(py)
     }
 
+    /// What the socket has not taken, as asyncio reports it: a stream transport first
+    /// offers its queue to the socket (one GIL release, only when something is queued;
+    /// `write()` queues where asyncio's sends at once).
     fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
-        lock(py, &self.core.chan.state).pending()
+        let core = &self.core;
+        let queued = lock(py, &core.chan.state).pending();
+        if queued == 0 || core.kind != libc::SOCK_STREAM {
+            return queued;
+        }
+        py.detach(|| core.send_queued());
+        lock(py, &core.chan.state).pending()
     }
 
     fn get_write_buffer_limits(&self, py: Python<'_>) -> (usize, usize) {

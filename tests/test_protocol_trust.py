@@ -625,6 +625,42 @@ def test_flow_callback_exception_goes_to_the_error_handler(backend, where):
     assert len(reported) == names.count(where), (reported, names)
 
 
+class BufferSizeProbe:
+    """On b"small": write 1000 bytes and record the buffer size; on b"big": write
+    16 MiB at once (the client reads nothing yet) and record it."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        t = self.transport
+        if data == b"small":
+            t.write(b"s" * 1000)
+            self.rec.checks["small"] = t.get_write_buffer_size()
+        elif data == b"big":
+            t.write(b"b" * (16 << 20))
+            self.rec.checks["big"] = t.get_write_buffer_size()
+            self.rec.checks["big_paused"] = self.rec.names().count("pause_writing")
+            t.close()
+
+
+def test_write_buffer_size_is_what_the_socket_did_not_take(backend):
+    """asyncio's write() sends at once, so its buffer holds only what the socket
+    refused: 0 after a small write to an idle connection, the excess after a large
+    one (with pause_writing called)."""
+    P = make_protocol(BufferSizeProbe)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(b"small")
+            assert recv_exactly(c, 1000) == b"s" * 1000
+            c.sendall(b"big")
+            assert wait_until(lambda: "big" in tp.only_conn(P.log).checks)
+            assert len(recv_until_eof(c)) == 16 << 20
+        wait_lost(P.log)
+    checks = tp.only_conn(P.log).checks
+    assert checks["small"] == 0
+    assert 64 * 1024 < checks["big"] < 16 << 20
+    assert checks["big_paused"] == 1
+
+
 class LimitArgs:
     def connection_made(self, transport):
         super().connection_made(transport)
