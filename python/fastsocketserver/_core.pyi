@@ -187,6 +187,9 @@ class EventLoop:
     def connections(self) -> int: ...
     @property
     def fd(self) -> int: ...
+    @property
+    def stale(self) -> bool:
+        """True in a forked child: the loop belongs to the parent process."""
 
 class BaseTransport:
     def close(self) -> None: ...

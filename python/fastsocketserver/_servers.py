@@ -57,7 +57,9 @@ def _is_protocol_class(handler: Any) -> bool:
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None and issubclass(handler, asyncio.BaseProtocol):
         return True
-    return hasattr(handler, "data_received") or hasattr(handler, "datagram_received")
+    return any(
+        hasattr(handler, name) for name in ("data_received", "get_buffer", "datagram_received")
+    )
 
 
 class BaseServer:
