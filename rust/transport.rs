@@ -1,6 +1,6 @@
 //! Transports of the event-driven path: what `asyncio.Protocol` handlers write to.
 //!
-//! A transport never makes a system call. `write()` queues bytes on the connection's
+//! A small write makes no system call: `write()` queues bytes on the connection's
 //! [`Channel`] and marks it dirty; the event loop sends everything queued inside its
 //! next GIL release (ARCHITECTURE.md, The GIL rule). Flow control follows asyncio: the
 //! protocol's `pause_writing()` is called once when the queue exceeds the high-water
