@@ -26,7 +26,9 @@ class SimpleXMLRPCServer(TCPServer, SimpleXMLRPCDispatcher):
 
     allow_reuse_address = True
 
-    # For debugging only: sends exception and traceback details to the client.
+    # True adds the exception and its traceback (X-exception, X-traceback headers) to
+    # a 500 response, sent for an error the dispatcher did not turn into a fault. A
+    # debugging aid only: it shows the server's internals to any client.
     _send_traceback_header = False
 
     def __init__(
