@@ -18,10 +18,11 @@ __all__ = ["SimpleXMLRPCServer", "ThreadingSimpleXMLRPCServer", "SimpleXMLRPCReq
 
 
 class SimpleXMLRPCServer(TCPServer, SimpleXMLRPCDispatcher):
-    """Simple XML-RPC server: ``register_function``/``register_instance`` and serve.
+    """``xmlrpc.server.SimpleXMLRPCServer`` on our ``TCPServer``: it answers XML-RPC calls
+    with the functions and the instance registered on it.
 
-    Override ``_dispatch`` (from ``SimpleXMLRPCDispatcher``) to change how calls are
-    dispatched, as with the stdlib class.
+    The dispatching is ``SimpleXMLRPCDispatcher``'s, so a ``_dispatch`` override
+    changes it exactly as it would on the stdlib's class.
     """
 
     allow_reuse_address = True
