@@ -162,6 +162,9 @@ class WorkerPool:
     def max_threads(self) -> int | None: ...
     @property
     def closed(self) -> bool: ...
+    @property
+    def stale(self) -> bool: ...
+    stack_size: int
 
 class EventLoop:
     """The event-driven path: protocol handlers on the serving thread."""
