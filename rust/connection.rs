@@ -163,7 +163,7 @@ fn items_of<'py>(obj: &Bound<'py, PyAny>, message: &str) -> PyResult<Vec<Bound<'
 }
 
 /// One `(level, type, data)` item of `sendmsg`'s ancillary data.
-fn control_item(item: &Bound<'_, PyAny>) -> PyResult<(i32, i32, RawBuffer)> {
+fn control_item<'py>(item: &Bound<'py, PyAny>) -> PyResult<(i32, i32, RawBuffer<'py>)> {
     const WHAT: &str = "[sendmsg() ancillary data items]() argument";
     // SAFETY: item is a live object; PySequence_Check only inspects its type.
     if unsafe { pyo3::ffi::PySequence_Check(item.as_ptr()) } == 0 {

@@ -7,20 +7,25 @@
 //! (waking the blocked reader or writer); the real `close(2)` happens when the last use
 //! ends, under the same lock, so a reused descriptor number can never be hit by mistake.
 //!
+//! Destructors here follow the rule of [`crate::closer`]: the last use ending, or the
+//! core itself dropped, with the descriptor still to close hands it over as an
+//! `OwnedFd` ([`closer::release`]), never a `close(2)` made with the GIL held.
+//!
 //! It also keeps the socket's timeout mode and the `makefile()` reference count that
 //! `socket.socket` keeps (`close()` on the connection defers the real close while files
 //! made from it are open).
 
+use crate::closer;
 use crate::error::{Error, Result};
 use crate::syscall::Mode;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 struct FdState {
     fd: RawFd,
     users: u32,
-    pending_close: Option<RawFd>,
+    pending_close: Option<OwnedFd>,
 }
 
 pub struct SocketCore {
@@ -47,11 +52,14 @@ impl Drop for FdUse<'_> {
     fn drop(&mut self) {
         let mut st = self.core.lock();
         st.users -= 1;
-        if st.users == 0 {
-            if let Some(fd) = st.pending_close.take() {
-                // SAFETY: the descriptor is ours and nobody uses it any more.
-                unsafe { libc::close(fd) };
-            }
+        // Nobody can reach the number any more: it closes when the owner is dropped.
+        let fd = match st.users {
+            0 => st.pending_close.take(),
+            _ => None,
+        };
+        drop(st);
+        if let Some(fd) = fd {
+            closer::release(fd);
         }
     }
 }
@@ -126,7 +134,8 @@ impl SocketCore {
         if st.users > 0 {
             // SAFETY: fd is still open (its close is deferred to the last user).
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-            st.pending_close = Some(fd);
+            // SAFETY: the core owned the number; the pending close owns it now.
+            st.pending_close = Some(unsafe { OwnedFd::from_raw_fd(fd) });
         } else {
             // SAFETY: fd is ours and unused.
             unsafe { libc::close(fd) };
@@ -197,7 +206,7 @@ impl Drop for SocketCore {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if st.fd >= 0 {
             // SAFETY: the last owner is gone; nobody else can use the descriptor.
-            unsafe { libc::close(st.fd) };
+            closer::release(unsafe { OwnedFd::from_raw_fd(st.fd) });
         }
     }
 }

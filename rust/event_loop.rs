@@ -1244,25 +1244,38 @@ impl Drop for EventLoop {
     /// still closes the descriptors it owns (connections, the poller, the waker); no
     /// callback runs.
     ///
-    /// Drop runs in the object's deallocation, with the GIL held. The owners are moved
-    /// out first and closed with the GIL released (`Python::attach` only gets the token
-    /// of the attachment the thread already has; `detach` then releases it, as
-    /// CPython's own socket finalizer does around `close`). The Python objects of the
-    /// connections stay behind and are dropped attached, afterwards. Taking the waker's
-    /// lock while attached cannot wait on a thread that needs the GIL: its only other
-    /// holders (`wake`, `close`) hold it for a non-blocking system call at most.
+    /// Drop runs in the object's deallocation, with the GIL held, so it makes no system
+    /// call and does not detach (see `crate::closer`): it moves the owners out (marking
+    /// each connection closed for its transport, under the channel's short lock) and
+    /// hands them to the closer. The Python objects of the connections stay behind and
+    /// are dropped attached, afterwards. Taking the waker's lock while attached cannot
+    /// wait on a thread that needs the GIL: its only other holders (`wake`, `close`)
+    /// hold it for a non-blocking system call at most.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         let poll = st.poll.take();
         let waker = self.shared.take_waker();
-        let conns = &mut st.conns;
-        Python::attach(|py| {
-            py.detach(|| {
-                close_descriptors(unclaimed, conns, poll.as_ref());
-                drop(poll);
-                drop(waker);
+        let socks: Vec<OwnedFd> = st
+            .conns
+            .iter_mut()
+            .flatten()
+            .filter_map(|conn| {
+                let sock = conn.sock.take()?;
+                conn.chan
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .closed = true;
+                Some(sock)
             })
+            .collect();
+        // Closing a socket removes it from the poller; the poller closes last.
+        crate::closer::run(move || {
+            drop(unclaimed);
+            drop(socks);
+            drop(poll);
+            drop(waker);
         });
     }
 }
