@@ -847,10 +847,14 @@ impl Connection {
         }
     }
 
-    /// Give up the descriptor without closing it and return it.
-    fn detach(&self) -> RawFd {
+    /// Give up the descriptor without closing it and return it (-1 when closed). While
+    /// another thread waits on the connection the caller gets a duplicate, and the
+    /// waiter an OSError(EBADF) at its next system call, as on a detached
+    /// `socket.socket` (see `SocketCore::detach`).
+    fn detach(&self) -> PyResult<RawFd> {
+        let fd = self.core.detach()?;
         self.core.owner_close();
-        self.core.detach()
+        Ok(fd)
     }
 
     fn fileno(&self) -> RawFd {

@@ -634,6 +634,15 @@ pub fn set_inheritable(fd: RawFd, inheritable: bool) -> Result<()> {
     Ok(())
 }
 
+/// A descriptor that refers to no file one can read, write or poll (`O_PATH`): every
+/// socket call on it fails with EBADF, and `poll` reports it ready (`POLLNVAL`).
+pub fn path_stub() -> Result<OwnedFd> {
+    // SAFETY: a constant path; the result is checked.
+    let fd = unsafe { libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    // SAFETY: open just returned this descriptor.
+    check(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Check a libc return code.
 pub fn check(rc: libc::c_int) -> Result<libc::c_int> {
     if rc < 0 {
