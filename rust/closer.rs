@@ -34,6 +34,30 @@ pub fn release(fd: OwnedFd) {
     run(move || drop(fd));
 }
 
+/// An owned descriptor whose drop follows the destructor rule: it goes to [`release`]
+/// (an `OwnedFd` would call `close(2)` wherever it is dropped).
+pub struct ReleasedFd(Option<OwnedFd>);
+
+impl ReleasedFd {
+    pub fn new(fd: OwnedFd) -> ReleasedFd {
+        ReleasedFd(Some(fd))
+    }
+}
+
+impl std::os::fd::AsRawFd for ReleasedFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+}
+
+impl Drop for ReleasedFd {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take() {
+            release(fd);
+        }
+    }
+}
+
 /// Run `job` (system calls, no Python): at once if the calling thread does not hold
 /// the GIL, else by the closer.
 pub fn run(job: impl FnOnce() + Send + 'static) {

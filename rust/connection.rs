@@ -20,7 +20,7 @@ use pyo3::exceptions::{PyOverflowError, PyRuntimeWarning, PyTypeError, PyValueEr
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyTuple};
 use std::ffi::CStr;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -564,11 +564,17 @@ impl Connection {
         // sendfile(2) has no per-call non-blocking flag: with a timeout (or non-blocking)
         // the read-and-send path below, which honours the mode, does the work instead.
         let zero_copy = self.core.mode() == Mode::Blocking;
+        // The file's number belongs to the file object, which another thread may close
+        // while the send goes on: the send uses a duplicate of its own (a number that
+        // cannot be dup'ed is no descriptor to send from: read instead, as the stdlib
+        // falls back when `fstat` fails).
         if let Some(file_fd) = file
             .call_method0("fileno")
             .and_then(|f| f.extract::<RawFd>())
             .ok()
             .filter(|_| zero_copy)
+            .and_then(|fd| syscall::duplicate(fd).ok())
+            .map(crate::closer::ReleasedFd::new)
         {
             if offset > 0 || file.hasattr("seek")? {
                 file.call_method1("seek", (offset,))?;
@@ -586,7 +592,7 @@ impl Connection {
                     None => 1 << 30,
                 };
                 // SAFETY: both descriptors are open for the call; off is ours.
-                let n = unsafe { libc::sendfile(usage.fd, file_fd, &mut off, want) };
+                let n = unsafe { libc::sendfile(usage.fd, file_fd.as_raw_fd(), &mut off, want) };
                 if n > 0 {
                     total += n as u64;
                     if mode == Mode::Blocking && limit.is_none_or(|l| total < l) {
@@ -608,6 +614,7 @@ impl Connection {
                 }
             });
             drop(usage);
+            drop(file_fd);
             if total > 0 {
                 file.call_method1("seek", (offset as u64 + total,))?;
             }

@@ -643,6 +643,15 @@ pub fn path_stub() -> Result<OwnedFd> {
     check(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A close-on-exec duplicate of `fd`, owned.
+pub fn duplicate(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: fcntl on a number the caller got from its owner just now; failure is
+    // reported (EBADF for a closed one).
+    let dup = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: fcntl just returned this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
 /// Check a libc return code.
 pub fn check(rc: libc::c_int) -> Result<libc::c_int> {
     if rc < 0 {

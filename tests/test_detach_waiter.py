@@ -213,3 +213,39 @@ def test_a_waiter_never_uses_a_number_reused_after_detach(mod, kind_name, unix_p
         signal.signal(signal.SIGUSR1, previous)
     assert ref == ([("raised", "OSError", 9)], b"foreign")
     assert got == ref
+
+
+def test_sendfile_never_reads_a_file_number_reused_meanwhile(fast_mod, unix_path, tmp_path):
+    """The file is closed while ``sendfile`` is blocked and its number goes to another
+    file: the engine sends from a descriptor of its own, only the first file's bytes.
+    (The stdlib sends from the number, whatever it names by then.)"""
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"p" * (8 << 20))
+    other = tmp_path / "other"
+    other.write_bytes(b"o" * (16 << 20))  # longer: its bytes lie past the offset reached
+    go = threading.Event()
+
+    def probe(handler):
+        f = open(payload, "rb")
+        waiter = Waiter([(handler.request.sendfile, (f,))])
+        waiter.start()
+        assert waiter.started_event.wait(JOIN_TIMEOUT)
+        wait_in_syscall(waiter.tid, {"sendfile"})
+        number = f.fileno()
+        f.close()
+        with open(other, "rb") as g:
+            reused = g.fileno() == number
+            go.set()
+            waiter.join(JOIN_TIMEOUT)
+            assert not waiter.is_alive()
+        return reused, waiter.results
+
+    def client(sock):
+        assert go.wait(JOIN_TIMEOUT)
+        return recv_until_eof(sock)
+
+    (reused, results), data = in_handler(fast_mod, "tcp", unix_path, probe, client=client)
+    assert reused, "the test needs the closed number to be reused"
+    # Positioning the closed file afterwards fails, as in the stdlib.
+    assert results == [("raised", "ValueError", None)]
+    assert data == payload.read_bytes()
