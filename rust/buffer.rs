@@ -1,14 +1,23 @@
 //! Python bytes-like arguments, held as the C API's `Py_buffer` (what `y*`/`w*` give the
 //! `socket` module), so any buffer exporter is accepted and its memory stays pinned
 //! while a detached system call reads or writes it.
+//!
+//! A [`RawBuffer`] lives inside the attachment it was made in (its `'py`) and is neither
+//! `Send` nor `Sync`: it cannot be moved into, or borrowed by, a detached closure or
+//! another thread. Only its address ([`SendPtr`]) or a slice of its bytes goes into a
+//! detached system call. So it is always dropped by the thread that made it, attached,
+//! and its destructor releases the export directly, with no `Python::attach`.
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-pub struct RawBuffer {
+pub struct RawBuffer<'py> {
     view: Box<ffi::Py_buffer>,
+    /// Ties the buffer to the attachment it was exported in (and makes it `!Send`).
+    _attached: PhantomData<Python<'py>>,
 }
 
 /// A buffer's address, movable into a detached closure: the exporter is pinned by the
@@ -24,12 +33,12 @@ impl SendPtr {
     }
 }
 
-impl RawBuffer {
+impl<'py> RawBuffer<'py> {
     /// Export `obj`'s buffer, contiguous, writable if asked. Read-only, the errors are
     /// the exporter's own (a `TypeError` for an object with no buffer, a `BufferError`
     /// for a non-contiguous one), as CPython's `y*` arguments report them; writable,
     /// see [`RawBuffer::writable`].
-    pub fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<RawBuffer> {
+    pub fn get(obj: &Bound<'py, PyAny>, writable: bool) -> PyResult<RawBuffer<'py>> {
         match writable {
             true => Self::writable(obj, "argument"),
             false => Self::export(obj, ffi::PyBUF_SIMPLE),
@@ -40,7 +49,7 @@ impl RawBuffer {
     /// `"readinto() argument"` or `"recv_into() argument 1"`); anything else (a
     /// `bytes`, a read-only or non-contiguous view) is the `TypeError` CPython's `w*`
     /// arguments give, never a `BufferError`.
-    pub fn writable(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<RawBuffer> {
+    pub fn writable(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<RawBuffer<'py>> {
         Self::export(obj, ffi::PyBUF_WRITABLE).map_err(|_| {
             let shown = match obj.is_none() {
                 true => "None".to_owned(),
@@ -52,7 +61,7 @@ impl RawBuffer {
         })
     }
 
-    fn export(obj: &Bound<'_, PyAny>, flags: std::ffi::c_int) -> PyResult<RawBuffer> {
+    fn export(obj: &Bound<'py, PyAny>, flags: std::ffi::c_int) -> PyResult<RawBuffer<'py>> {
         let mut view: Box<MaybeUninit<ffi::Py_buffer>> = Box::new(MaybeUninit::zeroed());
         // SAFETY: obj is a live object; view is writable storage for a Py_buffer.
         let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), flags) };
@@ -61,7 +70,10 @@ impl RawBuffer {
         }
         // SAFETY: PyObject_GetBuffer succeeded and filled the view.
         let view = unsafe { Box::from_raw(Box::into_raw(view).cast::<ffi::Py_buffer>()) };
-        Ok(RawBuffer { view })
+        Ok(RawBuffer {
+            view,
+            _attached: PhantomData,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -81,16 +93,12 @@ impl RawBuffer {
     }
 }
 
-// SAFETY: a Py_buffer is plain data; it is released with the GIL (see Drop).
-unsafe impl Send for RawBuffer {}
-unsafe impl Sync for RawBuffer {}
-
-impl Drop for RawBuffer {
+impl Drop for RawBuffer<'_> {
     fn drop(&mut self) {
-        Python::attach(|_| {
-            // SAFETY: the view was filled by PyObject_GetBuffer and is released once.
-            unsafe { ffi::PyBuffer_Release(&mut *self.view) }
-        });
+        // SAFETY: the view was filled by PyObject_GetBuffer and is released once, with
+        // the GIL held: the buffer never leaves the attachment `'py` of the thread that
+        // exported it (see the module doc).
+        unsafe { ffi::PyBuffer_Release(&mut *self.view) }
     }
 }
 

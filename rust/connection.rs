@@ -2,7 +2,9 @@
 //!
 //! Rust owns the accepted descriptor (through a [`SocketCore`]); the handler sees an
 //! object with the `socket.socket` methods handlers use. Every call that can wait runs
-//! its system calls inside one GIL release ([`wait::blocking`]). A handler that needs a
+//! its system calls inside one GIL release ([`wait::blocking`]), the message calls
+//! (`recvmsg`, `recvmsg_into`, `recvfrom_into`, `sendmsg`, with ancillary data as
+//! `(level, type, data)` tuples) included. A handler that needs a
 //! genuine `socket.socket` (an `ssl` wrap, say) calls `dup()` for one sharing the
 //! connection, or `detach()` and builds one from the descriptor.
 
@@ -14,10 +16,11 @@ use crate::reader::SocketReader;
 use crate::syscall::{self, Mode};
 use crate::wait::blocking;
 use crate::writer::SocketWriter;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyRuntimeWarning, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyFloat, PyTuple};
-use std::os::fd::RawFd;
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyTuple};
+use std::ffi::CStr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +37,33 @@ impl Connection {
         Connection {
             core: Arc::new(SocketCore::new(fd, family, kind, proto)),
         }
+    }
+
+    /// One `recvmsg(2)` into `iov` (whose memory the caller pins) with room for
+    /// `control_size` bytes of ancillary data, waiting as the timeout mode says inside
+    /// one release; returns the call's result and the ancillary data received.
+    fn receive_msg(
+        &self,
+        py: Python<'_>,
+        iov: &syscall::IoVecs,
+        control_size: usize,
+        flags: i32,
+    ) -> PyResult<(syscall::Received, Vec<u8>)> {
+        let mut control = zeroed(control_size)?;
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let got = blocking(py, || {
+            syscall::recvmsg(usage.fd, iov, &mut control, flags, mode, deadline)
+        })?;
+        drop(usage);
+        control.truncate(got.control_len);
+        Ok((got, control))
+    }
+
+    /// The address a receive reported, as the stdlib shows it (None when there is none).
+    fn sender<'py>(&self, py: Python<'py>, addr: &syscall::RawAddr) -> PyResult<Bound<'py, PyAny>> {
+        address::to_python(py, addr)
     }
 
     fn name(&self, py: Python<'_>, peer: bool) -> PyResult<Py<PyAny>> {
@@ -98,6 +128,104 @@ fn check_size(n: isize, what: &str) -> PyResult<usize> {
         )));
     }
     Ok(n as usize)
+}
+
+/// The largest ancillary buffer `recvmsg` accepts (CPython's limit for a `socklen_t`).
+const MAX_CONTROL: isize = i32::MAX as isize;
+
+fn control_size(ancbufsize: isize) -> PyResult<usize> {
+    if !(0..=MAX_CONTROL).contains(&ancbufsize) {
+        return Err(PyValueError::new_err(
+            "invalid ancillary data buffer length",
+        ));
+    }
+    Ok(ancbufsize as usize)
+}
+
+/// A zeroed buffer of `len` bytes, or `MemoryError`.
+fn zeroed(len: usize) -> PyResult<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::NoMemory)?;
+    v.resize(len, 0);
+    Ok(v)
+}
+
+/// The items of an iterable argument, as CPython's `PySequence_Fast` collects them: a
+/// `TypeError` saying `message` when the object cannot be iterated at all.
+fn items_of<'py>(obj: &Bound<'py, PyAny>, message: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let iter = obj
+        .try_iter()
+        .map_err(|err| match err.is_instance_of::<PyTypeError>(obj.py()) {
+            true => PyTypeError::new_err(message.to_owned()),
+            false => err,
+        })?;
+    iter.collect()
+}
+
+/// One `(level, type, data)` item of `sendmsg`'s ancillary data.
+fn control_item<'py>(item: &Bound<'py, PyAny>) -> PyResult<(i32, i32, RawBuffer<'py>)> {
+    const WHAT: &str = "[sendmsg() ancillary data items]() argument";
+    // SAFETY: item is a live object; PySequence_Check only inspects its type.
+    if unsafe { pyo3::ffi::PySequence_Check(item.as_ptr()) } == 0 {
+        return Err(PyTypeError::new_err(format!(
+            "{WHAT} must be 3-item sequence, not {}",
+            item.get_type().name()?
+        )));
+    }
+    let n = item.len()?;
+    if n != 3 {
+        return Err(PyTypeError::new_err(format!(
+            "{WHAT} must be sequence of length 3, not {n}"
+        )));
+    }
+    let level: i32 = item.get_item(0)?.extract()?;
+    let kind: i32 = item.get_item(1)?.extract()?;
+    let data = RawBuffer::get(&item.get_item(2)?, false)?;
+    Ok((level, kind, data))
+}
+
+/// The descriptors of the `SCM_RIGHTS` items in a received control buffer, as owners.
+/// The kernel has just installed them in this process and nothing else knows them.
+fn received_fds(control: &[u8], items: &[syscall::ControlItem]) -> Vec<OwnedFd> {
+    let width = std::mem::size_of::<RawFd>();
+    items
+        .iter()
+        .filter(|i| i.level == libc::SOL_SOCKET && i.kind == libc::SCM_RIGHTS)
+        .flat_map(|i| control[i.data.clone()].chunks_exact(width))
+        .map(|c| RawFd::from_ne_bytes(c.try_into().expect("chunks of an fd's width")))
+        // SAFETY: see above; each number is a fresh descriptor that is ours alone.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+/// The ancillary data of a `recvmsg` as the list of `(level, type, data)` the stdlib
+/// returns, warning (`RuntimeWarning`) about a malformed or cut item as it does. When
+/// the list cannot be built (the warning is an error, memory ran out) the descriptors
+/// that arrived are closed, detached, before the exception propagates: nobody else
+/// could ever close them.
+fn ancillary_to_python<'py>(py: Python<'py>, control: &[u8]) -> PyResult<Bound<'py, PyList>> {
+    let (items, malformed) = syscall::parse_control(control);
+    let build = || -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        let mut warn = malformed;
+        for item in &items {
+            warn |= item.truncated;
+            list.append((
+                item.level,
+                item.kind,
+                PyBytes::new(py, &control[item.data.clone()]),
+            ))?;
+        }
+        if warn {
+            let message = c"received malformed or improperly-truncated ancillary data";
+            PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), message as &CStr, 1)?;
+        }
+        Ok(list)
+    };
+    build().inspect_err(|_| {
+        let fds = received_fds(control, &items);
+        py.detach(move || drop(fds));
+    })
 }
 
 /// Receive into a fresh buffer of at most `size` bytes, inside one release.
@@ -191,6 +319,186 @@ impl Connection {
         Ok((PyBytes::new(py, &buf[..n]), addr))
     }
 
+    /// `recvmsg(bufsize[, ancbufsize[, flags]])`: `(data, ancdata, msg_flags, address)`.
+    #[pyo3(signature = (bufsize, ancbufsize = 0, flags = 0, /))]
+    fn recvmsg<'py>(
+        &self,
+        py: Python<'py>,
+        bufsize: isize,
+        ancbufsize: isize,
+        flags: i32,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        if bufsize < 0 {
+            return Err(PyValueError::new_err("negative buffer size in recvmsg()"));
+        }
+        let control_size = control_size(ancbufsize)?;
+        let mut data = zeroed((bufsize as usize).min(syscall::MAX_RECV))?;
+        // SAFETY: `data` outlives the call and is not touched until it returns.
+        let iov = unsafe { syscall::IoVecs::new([(data.as_mut_ptr(), data.len())]) };
+        let (got, control) = self.receive_msg(py, &iov, control_size, flags)?;
+        // With MSG_TRUNC a datagram's full length may exceed what was received.
+        data.truncate(got.len);
+        let ancdata = ancillary_to_python(py, &control)?;
+        let address = self.sender(py, &got.addr)?;
+        PyTuple::new(
+            py,
+            [
+                PyBytes::new(py, &data).into_any(),
+                ancdata.into_any(),
+                got.flags.into_pyobject(py)?.into_any(),
+                address,
+            ],
+        )
+    }
+
+    /// `recvmsg_into(buffers[, ancbufsize[, flags]])`: scatter into writable buffers;
+    /// `(nbytes, ancdata, msg_flags, address)`.
+    #[pyo3(signature = (buffers, ancbufsize = 0, flags = 0, /))]
+    fn recvmsg_into<'py>(
+        &self,
+        py: Python<'py>,
+        buffers: &Bound<'py, PyAny>,
+        ancbufsize: isize,
+        flags: i32,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        const NOT_WRITABLE: &str =
+            "recvmsg_into() argument 1 must be an iterable of single-segment read-write buffers";
+        let pinned = items_of(buffers, "recvmsg_into() argument 1 must be an iterable")?
+            .iter()
+            .map(|b| {
+                RawBuffer::writable(b, "recvmsg_into() argument 1")
+                    .map_err(|_| PyTypeError::new_err(NOT_WRITABLE))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let control_size = control_size(ancbufsize)?;
+        // SAFETY: every buffer stays exported (pinned, writable) until `pinned` drops,
+        // after the call.
+        let iov = unsafe { syscall::IoVecs::new(pinned.iter().map(|b| (b.ptr().get(), b.len()))) };
+        let (got, control) = self.receive_msg(py, &iov, control_size, flags)?;
+        drop(pinned);
+        let ancdata = ancillary_to_python(py, &control)?;
+        let address = self.sender(py, &got.addr)?;
+        PyTuple::new(
+            py,
+            [
+                got.len.into_pyobject(py)?.into_any(),
+                ancdata.into_any(),
+                got.flags.into_pyobject(py)?.into_any(),
+                address,
+            ],
+        )
+    }
+
+    /// `recvfrom_into(buffer[, nbytes[, flags]])`: `(nbytes, address)`.
+    #[pyo3(signature = (buffer, nbytes = 0, flags = 0))]
+    fn recvfrom_into<'py>(
+        &self,
+        py: Python<'py>,
+        buffer: &Bound<'py, PyAny>,
+        nbytes: isize,
+        flags: i32,
+    ) -> PyResult<(usize, Bound<'py, PyAny>)> {
+        let buf = RawBuffer::writable(buffer, "recvfrom_into() argument 1")?;
+        if nbytes < 0 {
+            return Err(PyValueError::new_err(
+                "negative buffersize in recvfrom_into",
+            ));
+        }
+        let n = match nbytes as usize {
+            0 => buf.len(),
+            n if n > buf.len() => {
+                return Err(PyValueError::new_err(
+                    "nbytes is greater than the length of the buffer",
+                ))
+            }
+            n => n,
+        };
+        // SAFETY: `buf` pins `n` writable bytes until after the call.
+        let iov = unsafe { syscall::IoVecs::new([(buf.ptr().get(), n)]) };
+        let (got, _) = self.receive_msg(py, &iov, 0, flags)?;
+        drop(buf);
+        Ok((got.len, self.sender(py, &got.addr)?))
+    }
+
+    /// `sendmsg(buffers[, ancdata[, flags[, address]]])`: gather-send the buffers with
+    /// ancillary data (`(level, type, data)` items); returns the bytes sent. Arguments
+    /// are checked in the stdlib's order: flags, address, buffers, ancillary data.
+    #[pyo3(signature = (buffers, *rest))]
+    fn sendmsg(
+        &self,
+        py: Python<'_>,
+        buffers: &Bound<'_, PyAny>,
+        rest: &Bound<'_, PyTuple>,
+    ) -> PyResult<usize> {
+        if rest.len() > 3 {
+            return Err(PyTypeError::new_err(format!(
+                "sendmsg() takes at most 4 arguments ({} given)",
+                rest.len() + 1
+            )));
+        }
+        let ancdata = rest.get_item(0).ok();
+        let flags: i32 = match rest.get_item(1) {
+            Ok(f) => f.extract()?,
+            Err(_) => 0,
+        };
+        let addr = match rest.get_item(2) {
+            Ok(a) if !a.is_none() => Some(address::from_python(&a, self.core.family)?),
+            _ => None,
+        };
+        let data = items_of(buffers, "sendmsg() argument 1 must be an iterable")?
+            .iter()
+            .map(|b| RawBuffer::get(b, false))
+            .collect::<PyResult<Vec<_>>>()?;
+        let items = match &ancdata {
+            Some(a) => items_of(a, "sendmsg() argument 2 must be an iterable")?
+                .iter()
+                .map(control_item)
+                .collect::<PyResult<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let control = syscall::build_control(
+            &items
+                .iter()
+                .map(|(level, kind, d)| (*level, *kind, d.as_slice()))
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| PyOverflowError::new_err(e.message()))?;
+        // SAFETY: every buffer stays exported until `data` drops, after the call; the
+        // kernel only reads them.
+        let iov = unsafe { syscall::IoVecs::new(data.iter().map(|b| (b.ptr().get(), b.len()))) };
+        let usage = self.core.begin()?;
+        let mode = self.core.mode();
+        let deadline = mode.deadline();
+        let sent = blocking(py, || {
+            syscall::sendmsg(
+                usage.fd,
+                &iov,
+                &control,
+                addr.as_ref(),
+                flags,
+                mode,
+                deadline,
+            )
+        });
+        drop(usage);
+        drop(items);
+        drop(data);
+        sent
+    }
+
+    /// Whether the descriptor stays open across `exec` (as `os.get_inheritable`).
+    fn get_inheritable(&self) -> PyResult<bool> {
+        let usage = self.core.begin()?;
+        Ok(syscall::get_inheritable(usage.fd)?)
+    }
+
+    /// Set whether the descriptor stays open across `exec` (as `os.set_inheritable`,
+    /// which takes an int).
+    fn set_inheritable(&self, inheritable: i32) -> PyResult<()> {
+        let usage = self.core.begin()?;
+        Ok(syscall::set_inheritable(usage.fd, inheritable != 0)?)
+    }
+
     #[pyo3(signature = (data, flags = 0))]
     fn send(&self, py: Python<'_>, data: &Bound<'_, PyAny>, flags: i32) -> PyResult<usize> {
         let buf = RawBuffer::get(data, false)?;
@@ -256,11 +564,17 @@ impl Connection {
         // sendfile(2) has no per-call non-blocking flag: with a timeout (or non-blocking)
         // the read-and-send path below, which honours the mode, does the work instead.
         let zero_copy = self.core.mode() == Mode::Blocking;
+        // The file's number belongs to the file object, which another thread may close
+        // while the send goes on: the send uses a duplicate of its own (a number that
+        // cannot be dup'ed is no descriptor to send from: read instead, as the stdlib
+        // falls back when `fstat` fails).
         if let Some(file_fd) = file
             .call_method0("fileno")
             .and_then(|f| f.extract::<RawFd>())
             .ok()
             .filter(|_| zero_copy)
+            .and_then(|fd| syscall::duplicate(fd).ok())
+            .map(crate::closer::ReleasedFd::new)
         {
             if offset > 0 || file.hasattr("seek")? {
                 file.call_method1("seek", (offset,))?;
@@ -278,7 +592,7 @@ impl Connection {
                     None => 1 << 30,
                 };
                 // SAFETY: both descriptors are open for the call; off is ours.
-                let n = unsafe { libc::sendfile(usage.fd, file_fd, &mut off, want) };
+                let n = unsafe { libc::sendfile(usage.fd, file_fd.as_raw_fd(), &mut off, want) };
                 if n > 0 {
                     total += n as u64;
                     if mode == Mode::Blocking && limit.is_none_or(|l| total < l) {
@@ -300,6 +614,7 @@ impl Connection {
                 }
             });
             drop(usage);
+            drop(file_fd);
             if total > 0 {
                 file.call_method1("seek", (offset as u64 + total,))?;
             }
@@ -539,10 +854,14 @@ impl Connection {
         }
     }
 
-    /// Give up the descriptor without closing it and return it.
-    fn detach(&self) -> RawFd {
+    /// Give up the descriptor without closing it and return it (-1 when closed). While
+    /// another thread waits on the connection the caller gets a duplicate, and the
+    /// waiter an OSError(EBADF) at its next system call, as on a detached
+    /// `socket.socket` (see `SocketCore::detach`).
+    fn detach(&self) -> PyResult<RawFd> {
+        let fd = self.core.detach()?;
         self.core.owner_close();
-        self.core.detach()
+        Ok(fd)
     }
 
     fn fileno(&self) -> RawFd {

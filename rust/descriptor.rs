@@ -7,20 +7,25 @@
 //! (waking the blocked reader or writer); the real `close(2)` happens when the last use
 //! ends, under the same lock, so a reused descriptor number can never be hit by mistake.
 //!
+//! Destructors here follow the rule of [`crate::closer`]: the last use ending, or the
+//! core itself dropped, with the descriptor still to close hands it over as an
+//! `OwnedFd` ([`closer::release`]), never a `close(2)` made with the GIL held.
+//!
 //! It also keeps the socket's timeout mode and the `makefile()` reference count that
 //! `socket.socket` keeps (`close()` on the connection defers the real close while files
 //! made from it are open).
 
+use crate::closer;
 use crate::error::{Error, Result};
 use crate::syscall::Mode;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 struct FdState {
     fd: RawFd,
     users: u32,
-    pending_close: Option<RawFd>,
+    pending_close: Option<OwnedFd>,
 }
 
 pub struct SocketCore {
@@ -47,11 +52,14 @@ impl Drop for FdUse<'_> {
     fn drop(&mut self) {
         let mut st = self.core.lock();
         st.users -= 1;
-        if st.users == 0 {
-            if let Some(fd) = st.pending_close.take() {
-                // SAFETY: the descriptor is ours and nobody uses it any more.
-                unsafe { libc::close(fd) };
-            }
+        // Nobody can reach the number any more: it closes when the owner is dropped.
+        let fd = match st.users {
+            0 => st.pending_close.take(),
+            _ => None,
+        };
+        drop(st);
+        if let Some(fd) = fd {
+            closer::release(fd);
         }
     }
 }
@@ -126,7 +134,8 @@ impl SocketCore {
         if st.users > 0 {
             // SAFETY: fd is still open (its close is deferred to the last user).
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-            st.pending_close = Some(fd);
+            // SAFETY: the core owned the number; the pending close owns it now.
+            st.pending_close = Some(unsafe { OwnedFd::from_raw_fd(fd) });
         } else {
             // SAFETY: fd is ours and unused.
             unsafe { libc::close(fd) };
@@ -159,9 +168,39 @@ impl SocketCore {
         *out = unsent;
     }
 
-    /// Give up ownership without closing (`socket.detach()`).
-    pub fn detach(&self) -> RawFd {
-        std::mem::replace(&mut self.lock().fd, -1)
+    /// Give up ownership without closing (`socket.detach()`); -1 once closed or detached.
+    ///
+    /// With no operation in flight the caller gets the descriptor itself. While one is
+    /// (another thread waits in `recv`, say) the number it uses must stay ours until it
+    /// ends, or the caller could close it and the kernel hand it to someone else's
+    /// socket. So the caller gets a duplicate instead (same socket, same close-on-exec
+    /// flag), and the number in use is made to refer to an `O_PATH` stub (atomically,
+    /// `dup3`): an operation already waiting in the kernel goes on with the socket, as
+    /// with the stdlib, and its next system call on the number fails with EBADF, as the
+    /// stdlib's does on its detached socket. The stub closes with the last use.
+    /// Makes system calls that do not block, under the short lock.
+    pub fn detach(&self) -> Result<RawFd> {
+        let mut st = self.lock();
+        if st.fd < 0 || st.users == 0 {
+            return Ok(std::mem::replace(&mut st.fd, -1));
+        }
+        let fd = st.fd;
+        let cmd = match crate::syscall::get_inheritable(fd)? {
+            true => libc::F_DUPFD,
+            false => libc::F_DUPFD_CLOEXEC,
+        };
+        // SAFETY: duplicating a descriptor we own and keep open under the lock.
+        let handed = crate::syscall::check(unsafe { libc::fcntl(fd, cmd, 0) })?;
+        // SAFETY: `handed` is the caller's from here on; the error path closes it.
+        let handed_owner = unsafe { OwnedFd::from_raw_fd(handed) };
+        let stub = crate::syscall::path_stub()?;
+        // SAFETY: both descriptors are ours; dup3 swaps what `fd` refers to in one step.
+        crate::syscall::check(unsafe { libc::dup3(stub.as_raw_fd(), fd, libc::O_CLOEXEC) })?;
+        drop(stub);
+        st.fd = -1;
+        // SAFETY: the core owned `fd` (now the stub); the pending close owns it now.
+        st.pending_close = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(handed_owner.into_raw_fd())
     }
 
     /// A file object was made from the connection (`makefile`).
@@ -197,7 +236,7 @@ impl Drop for SocketCore {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if st.fd >= 0 {
             // SAFETY: the last owner is gone; nobody else can use the descriptor.
-            unsafe { libc::close(st.fd) };
+            closer::release(unsafe { OwnedFd::from_raw_fd(st.fd) });
         }
     }
 }
@@ -249,11 +288,39 @@ mod tests {
     fn detach_leaves_the_descriptor_open() {
         let (a, b) = pair();
         let core = SocketCore::new(a, libc::AF_UNIX, libc::SOCK_STREAM, 0);
-        assert_eq!(core.detach(), a);
+        assert_eq!(core.detach().unwrap(), a);
         drop(core);
         assert!(is_open(a));
         unsafe {
             libc::close(a);
+            libc::close(b);
+        }
+    }
+
+    #[test]
+    fn detach_while_in_use_hands_over_a_duplicate_and_stubs_the_number() {
+        let (a, b) = pair();
+        let core = SocketCore::new(a, libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let usage = core.begin().unwrap();
+        let handed = core.detach().unwrap();
+        assert_ne!(handed, a);
+        assert_eq!(core.fileno(), -1);
+        // The number in use is still allocated (no reuse) but no longer the socket.
+        let mut byte = [0u8; 1];
+        let rc = unsafe { libc::recv(usage.fd, byte.as_mut_ptr().cast(), 1, 0) };
+        assert_eq!((rc, crate::error::errno()), (-1, libc::EBADF));
+        assert!(is_open(a));
+        drop(usage);
+        closer::settle();
+        assert!(!is_open(a));
+        // The duplicate is the socket.
+        assert_eq!(unsafe { libc::send(b, b"x".as_ptr().cast(), 1, 0) }, 1);
+        assert_eq!(
+            unsafe { libc::recv(handed, byte.as_mut_ptr().cast(), 1, 0) },
+            1
+        );
+        unsafe {
+            libc::close(handed);
             libc::close(b);
         }
     }

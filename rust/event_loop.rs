@@ -129,7 +129,7 @@ enum Sink {
 /// The bound method `get_buffer(-1)` returned a buffer of: a writable contiguous
 /// export, never empty (asyncio's `RuntimeError`); what the selector loop of asyncio
 /// passes as the size hint is -1 (any size).
-fn protocol_buffer(py: Python<'_>, get_buffer: &Py<PyAny>) -> PyResult<RawBuffer> {
+fn protocol_buffer<'py>(py: Python<'py>, get_buffer: &Py<PyAny>) -> PyResult<RawBuffer<'py>> {
     let buf = catch_panic(|| get_buffer.call1(py, (-1,)))?;
     let view = RawBuffer::writable(buf.bind(py), "get_buffer() result")?;
     if view.len() == 0 {
@@ -1377,33 +1377,49 @@ impl Drop for EventLoop {
     /// already); an exception from it goes to `sys.unraisablehook` (no server is left
     /// to report to). In a forked child the endpoint is the parent's: no callback.
     ///
-    /// Drop runs in the object's deallocation, with the GIL held. The owners are moved
-    /// out first and closed with the GIL released (`Python::attach` only gets the token
-    /// of the attachment the thread already has; `detach` then releases it, as
-    /// CPython's own socket finalizer does around `close`). The Python objects of the
-    /// connections stay behind and are dropped attached, afterwards. Taking the waker's
-    /// lock while attached cannot wait on a thread that needs the GIL: its only other
-    /// holders (`wake`, `close`) hold it for a non-blocking system call at most.
+    /// Drop runs in the object's deallocation, with the GIL held, so it makes no system
+    /// call and does not detach (see `crate::closer`): it moves the owners out (marking
+    /// each connection closed for its transport, under the channel's short lock) and
+    /// hands them to the closer. The Python objects of the connections stay behind and
+    /// are dropped attached, afterwards. Taking the waker's lock while attached cannot
+    /// wait on a thread that needs the GIL: its only other holders (`wake`, `close`)
+    /// hold it for a non-blocking system call at most.
     fn drop(&mut self) {
         let stale = self.stale();
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         let poll = st.poll.take();
         let waker = self.shared.take_waker();
+        let socks: Vec<OwnedFd> = st
+            .conns
+            .iter_mut()
+            .flatten()
+            .filter_map(|conn| {
+                let sock = conn.sock.take()?;
+                conn.chan
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .closed = true;
+                Some(sock)
+            })
+            .collect();
         let datagram = st.datagram.take();
-        let conns = &mut st.conns;
+        if let Some(ep) = datagram.as_ref() {
+            end_endpoint(ep);
+        }
+        // Closing a socket removes it from the poller; the poller closes last.
+        crate::closer::run(move || {
+            drop(unclaimed);
+            drop(socks);
+            drop(poll);
+            drop(waker);
+        });
+        let Some(ep) = datagram else {
+            return;
+        };
+        // Deallocation holds the GIL already: this attach crosses nothing.
         Python::attach(|py| {
-            py.detach(|| {
-                close_descriptors(unclaimed, conns);
-                if let Some(ep) = datagram.as_ref() {
-                    end_endpoint(ep);
-                }
-                drop(poll);
-                drop(waker);
-            });
-            let Some(ep) = datagram else {
-                return;
-            };
             if let Some(protocol) = ep.protocol.as_ref().filter(|_| !stale) {
                 if let Err(err) =
                     catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),)))

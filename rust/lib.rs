@@ -6,6 +6,7 @@
 //! - [`syscall`]: the GIL-free system calls, with socket-timeout semantics;
 //! - [`wait`]: one GIL release per wait, EINTR and signal handlers;
 //! - [`descriptor`]: shared ownership of a socket descriptor;
+//! - [`closer`]: descriptors that destructors release, closed away from the GIL;
 //! - [`address`]: `sockaddr` to and from Python address objects;
 //! - [`buffer`]: Python bytes-like arguments;
 //! - [`connection`]: the socket-like object handlers receive;
@@ -19,6 +20,7 @@
 
 pub mod address;
 pub mod buffer;
+pub mod closer;
 pub mod connection;
 pub mod descriptor;
 pub mod dispatch;
@@ -54,6 +56,13 @@ fn _normalize_address<'py>(
     address::to_python(address.py(), &raw)
 }
 
+/// Wait until every descriptor a destructor handed to the closer is closed, for tests
+/// that count descriptors after a garbage collection.
+#[pyfunction]
+fn _settle_closes(py: Python<'_>) {
+    py.detach(closer::settle);
+}
+
 /// `gil_used = true`: the engine has not been run or tested on a free-threaded
 /// CPython, so it asks such an interpreter to keep (re-enable) the GIL rather than be
 /// declared safe without a test.
@@ -76,5 +85,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_function(wrap_pyfunction!(_panic, m)?)?;
     m.add_function(wrap_pyfunction!(_normalize_address, m)?)?;
+    m.add_function(wrap_pyfunction!(_settle_closes, m)?)?;
     Ok(())
 }

@@ -47,7 +47,6 @@ use std::time::{Duration, Instant};
 /// How long `submit` waits for a free worker (at the cap) between signal checks.
 const CAPACITY_WAIT_SLICE: Duration = Duration::from_millis(50);
 
-
 /// What a worker runs: a Python callable, or a request the server's thread took
 /// without attaching (see [`crate::dispatch`]).
 pub enum Work {

@@ -10,6 +10,7 @@
 //! refuses further reads, as `socket.SocketIO` does.
 
 use crate::buffer::RawBuffer;
+use crate::closer;
 use crate::descriptor::SocketCore;
 use crate::syscall;
 use crate::wait::{blocking, lock};
@@ -463,7 +464,9 @@ impl Drop for SocketReader {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if !st.closed && self.core.drop_io_ref() {
-            self.core.close_now();
+            // No system call here, where the GIL may be held (see `crate::closer`).
+            let core = self.core.clone();
+            closer::run(move || core.close_now());
         }
     }
 }

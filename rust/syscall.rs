@@ -398,6 +398,260 @@ pub fn sendto(
     })
 }
 
+/// The data segments of one `recvmsg(2)` or `sendmsg(2)`, in the kernel's `iovec` form.
+pub struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: an `IoVecs` holds only addresses; whoever builds one promises (see `new`) that
+// the memory stays valid while it is used, whichever thread the system call runs on.
+unsafe impl Send for IoVecs {}
+unsafe impl Sync for IoVecs {}
+
+impl IoVecs {
+    /// # Safety
+    /// Every `(ptr, len)` must stay valid for reads of `len` bytes (and for writes too,
+    /// when the vectors are given to [`recvmsg`]) for as long as the `IoVecs` is used.
+    pub unsafe fn new(parts: impl IntoIterator<Item = (*mut u8, usize)>) -> IoVecs {
+        IoVecs(
+            parts
+                .into_iter()
+                .map(|(ptr, len)| libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: len,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What one `recvmsg(2)` returned besides the data itself.
+pub struct Received {
+    /// The call's return value (with `MSG_TRUNC` in the flags, a datagram's full length).
+    pub len: usize,
+    /// `msg_flags`: `MSG_TRUNC`, `MSG_CTRUNC`, ...
+    pub flags: libc::c_int,
+    /// How many bytes of the ancillary buffer the kernel filled.
+    pub control_len: usize,
+    /// The sender's address (length 0 when the socket type gives none).
+    pub addr: RawAddr,
+}
+
+fn empty_msghdr() -> libc::msghdr {
+    // SAFETY: all-zero is a valid msghdr (no name, no data, no control).
+    unsafe { std::mem::zeroed() }
+}
+
+/// `recvmsg(2)` into `iov`, with up to `control.len()` bytes of ancillary data.
+///
+/// Descriptors passed with `SCM_RIGHTS` arrive without close-on-exec, as CPython's
+/// `socket.recvmsg` leaves them (no `MSG_CMSG_CLOEXEC` is added to `flags`).
+pub fn recvmsg(
+    fd: RawFd,
+    iov: &IoVecs,
+    control: &mut [u8],
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<Received> {
+    let mut addr = RawAddr::empty();
+    let mut out = (0, 0);
+    let n = with_mode(fd, mode, deadline, libc::POLLIN, |f| {
+        let mut msg = empty_msghdr();
+        addr.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_name = addr.as_mut_ptr().cast();
+        msg.msg_namelen = addr.len;
+        msg.msg_iov = iov.0.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.0.len() as _;
+        if !control.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = control.len() as _;
+        }
+        // SAFETY: the name, the control buffer and (by `IoVecs::new`'s contract) every
+        // segment are valid for writes of their lengths.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, flags | f) };
+        addr.len = msg.msg_namelen;
+        out = (msg.msg_flags, msg.msg_controllen);
+        n
+    })?;
+    Ok(Received {
+        len: n,
+        flags: out.0,
+        control_len: out.1.min(control.len()),
+        addr,
+    })
+}
+
+/// `sendmsg(2)` of `iov` with the ancillary data `control` (built by
+/// [`build_control`]), to `addr` if given.
+pub fn sendmsg(
+    fd: RawFd,
+    iov: &IoVecs,
+    control: &[u8],
+    addr: Option<&RawAddr>,
+    flags: libc::c_int,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<usize> {
+    with_mode(fd, mode, deadline, libc::POLLOUT, |f| {
+        let mut msg = empty_msghdr();
+        if let Some(a) = addr {
+            msg.msg_name = a.as_ptr() as *mut libc::c_void;
+            msg.msg_namelen = a.len;
+        }
+        msg.msg_iov = iov.0.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.0.len() as _;
+        if !control.is_empty() {
+            msg.msg_control = control.as_ptr() as *mut libc::c_void;
+            msg.msg_controllen = control.len() as _;
+        }
+        // SAFETY: the kernel only reads through these pointers, all valid for their lengths.
+        unsafe { libc::sendmsg(fd, &msg, flags | f | libc::MSG_NOSIGNAL) }
+    })
+}
+
+/// One ancillary data item found in a received control buffer.
+#[derive(Debug, PartialEq)]
+pub struct ControlItem {
+    pub level: libc::c_int,
+    pub kind: libc::c_int,
+    /// Where its data lies in the buffer.
+    pub data: std::ops::Range<usize>,
+    /// The item's header claims more data than the buffer holds (only the part that
+    /// is there is in `data`).
+    pub truncated: bool,
+}
+
+/// Size of a `cmsghdr` with the padding before its data (`CMSG_LEN(0)`).
+fn cmsg_header_len() -> usize {
+    // SAFETY: a pure size computation.
+    unsafe { libc::CMSG_LEN(0) as usize }
+}
+
+/// Round up to the alignment of ancillary data items (`CMSG_ALIGN`).
+fn cmsg_align(len: usize) -> usize {
+    let a = std::mem::size_of::<usize>();
+    len.div_ceil(a) * a
+}
+
+/// The items of the control buffer `control` as the kernel filled it, and whether the
+/// walk stopped at a malformed header (too short to be one). An item whose data runs
+/// past the end is kept, cut to what is there, and marked `truncated`.
+pub fn parse_control(control: &[u8]) -> (Vec<ControlItem>, bool) {
+    let head = cmsg_header_len();
+    let mut items = Vec::new();
+    let mut at = 0usize;
+    while at < control.len() {
+        if control.len() - at < std::mem::size_of::<libc::cmsghdr>() {
+            return (items, true);
+        }
+        // SAFETY: a whole header lies at `at`; it may be unaligned, hence the read.
+        let hdr: libc::cmsghdr =
+            unsafe { std::ptr::read_unaligned(control.as_ptr().add(at).cast()) };
+        let claimed = hdr.cmsg_len as usize;
+        if claimed < head || control.len() - at < head {
+            return (items, true);
+        }
+        let end = at.saturating_add(claimed);
+        items.push(ControlItem {
+            level: hdr.cmsg_level,
+            kind: hdr.cmsg_type,
+            data: at + head..end.min(control.len()),
+            truncated: end > control.len(),
+        });
+        at = at.saturating_add(cmsg_align(claimed));
+    }
+    (items, false)
+}
+
+/// Why ancillary data cannot be sent (both are `OverflowError`s in CPython).
+#[derive(Debug, PartialEq)]
+pub enum ControlTooLarge {
+    Item,
+    Total,
+}
+
+impl ControlTooLarge {
+    pub fn message(&self) -> &'static str {
+        match self {
+            ControlTooLarge::Item => "ancillary data item too large",
+            ControlTooLarge::Total => "too much ancillary data",
+        }
+    }
+}
+
+/// The control buffer for `sendmsg(2)` holding `items` (level, type, data), each item
+/// padded to the ancillary alignment (`CMSG_SPACE`).
+pub fn build_control(
+    items: &[(libc::c_int, libc::c_int, &[u8])],
+) -> std::result::Result<Vec<u8>, ControlTooLarge> {
+    let head = cmsg_header_len();
+    let mut total = 0usize;
+    for (_, _, data) in items {
+        let space = data
+            .len()
+            .checked_add(head)
+            .filter(|&n| n <= u32::MAX as usize)
+            .map(cmsg_align)
+            .ok_or(ControlTooLarge::Item)?;
+        total = total
+            .checked_add(space)
+            .filter(|&n| n <= i32::MAX as usize)
+            .ok_or(ControlTooLarge::Total)?;
+    }
+    let mut control = vec![0u8; total];
+    let mut at = 0usize;
+    for &(level, kind, data) in items {
+        // SAFETY: all-zero is a valid cmsghdr; the fields are set below.
+        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        hdr.cmsg_len = (head + data.len()) as _;
+        hdr.cmsg_level = level;
+        hdr.cmsg_type = kind;
+        // SAFETY: `total` counted a header's room at `at` (unaligned write: a Vec<u8>).
+        unsafe { std::ptr::write_unaligned(control.as_mut_ptr().add(at).cast(), hdr) };
+        control[at + head..at + head + data.len()].copy_from_slice(data);
+        at += cmsg_align(head + data.len());
+    }
+    Ok(control)
+}
+
+/// Whether `fd` stays open in programs started by `exec` (no `FD_CLOEXEC`).
+pub fn get_inheritable(fd: RawFd) -> Result<bool> {
+    // SAFETY: fcntl on a descriptor the caller keeps open; failure is reported.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    Ok(flags & libc::FD_CLOEXEC == 0)
+}
+
+/// Set or clear `FD_CLOEXEC` on `fd`.
+pub fn set_inheritable(fd: RawFd, inheritable: bool) -> Result<()> {
+    // SAFETY: as in get_inheritable.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    let new = match inheritable {
+        true => flags & !libc::FD_CLOEXEC,
+        false => flags | libc::FD_CLOEXEC,
+    };
+    if new != flags {
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, new) })?;
+    }
+    Ok(())
+}
+
+/// A descriptor that refers to no file one can read, write or poll (`O_PATH`): every
+/// socket call on it fails with EBADF, and `poll` reports it ready (`POLLNVAL`).
+pub fn path_stub() -> Result<OwnedFd> {
+    // SAFETY: a constant path; the result is checked.
+    let fd = unsafe { libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    // SAFETY: open just returned this descriptor.
+    check(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A close-on-exec duplicate of `fd`, owned.
+pub fn duplicate(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: fcntl on a number the caller got from its owner just now; failure is
+    // reported (EBADF for a closed one).
+    let dup = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: fcntl just returned this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
 /// Check a libc return code.
 pub fn check(rc: libc::c_int) -> Result<libc::c_int> {
     if rc < 0 {
@@ -496,6 +750,81 @@ mod tests {
             libc::close(a);
             libc::close(b);
         }
+    }
+
+    #[test]
+    fn descriptors_pass_both_ways_and_truncation_is_flagged() {
+        let (a, b) = pair();
+        let (c, d) = pair();
+        let fds: [RawFd; 2] = [c, d];
+        let raw: Vec<u8> = fds.iter().flat_map(|f| f.to_ne_bytes()).collect();
+        let control = build_control(&[(libc::SOL_SOCKET, libc::SCM_RIGHTS, &raw)]).unwrap();
+        let mut payload = *b"fd";
+        let iov = unsafe { IoVecs::new([(payload.as_mut_ptr(), 2)]) };
+        assert_eq!(
+            sendmsg(a, &iov, &control, None, 0, Mode::Blocking, None).unwrap(),
+            2
+        );
+        let mut data = [0u8; 8];
+        let iov = unsafe { IoVecs::new([(data.as_mut_ptr(), 8)]) };
+        let mut room = vec![0u8; 64];
+        let got = recvmsg(b, &iov, &mut room, 0, Mode::Blocking, None).unwrap();
+        assert_eq!((got.len, got.flags), (2, 0));
+        let (items, malformed) = parse_control(&room[..got.control_len]);
+        assert!(!malformed);
+        assert_eq!(items.len(), 1);
+        assert_eq!(
+            (items[0].level, items[0].kind),
+            (libc::SOL_SOCKET, libc::SCM_RIGHTS)
+        );
+        assert_eq!(items[0].data.len(), 8);
+        for chunk in room[items[0].data.clone()].chunks(4) {
+            let fd = RawFd::from_ne_bytes(chunk.try_into().unwrap());
+            assert_eq!(get_inheritable(fd).unwrap(), true);
+            set_inheritable(fd, false).unwrap();
+            assert_eq!(get_inheritable(fd).unwrap(), false);
+            unsafe { libc::close(fd) };
+        }
+        // Room for one descriptor only: the kernel flags MSG_CTRUNC.
+        sendmsg(
+            a,
+            &unsafe { IoVecs::new([(payload.as_mut_ptr(), 2)]) },
+            &control,
+            None,
+            0,
+            Mode::Blocking,
+            None,
+        )
+        .unwrap();
+        let mut room = vec![0u8; unsafe { libc::CMSG_LEN(4) } as usize];
+        let got = recvmsg(b, &iov, &mut room, 0, Mode::Blocking, None).unwrap();
+        assert_eq!(got.flags & libc::MSG_CTRUNC, libc::MSG_CTRUNC);
+        let (items, _) = parse_control(&room[..got.control_len]);
+        assert_eq!(items[0].data.len(), 4);
+        let fd = RawFd::from_ne_bytes(room[items[0].data.clone()].try_into().unwrap());
+        unsafe {
+            libc::close(fd);
+            for f in [a, b, c, d] {
+                libc::close(f);
+            }
+        }
+    }
+
+    #[test]
+    fn control_parsing_marks_short_and_cut_items() {
+        let control = build_control(&[(1, 2, b"abcd"), (3, 4, b"xy")]).unwrap();
+        let (items, malformed) = parse_control(&control);
+        assert!(!malformed);
+        assert_eq!(items.len(), 2);
+        assert_eq!(&control[items[1].data.clone()], b"xy");
+        let cut = cmsg_header_len() + 2;
+        let (items, malformed) = parse_control(&control[..cut]);
+        assert!(!malformed);
+        assert!(items[0].truncated);
+        assert_eq!(&control[items[0].data.clone()], b"ab");
+        let (items, malformed) = parse_control(&control[..4]);
+        assert!(malformed && items.is_empty());
+        assert_eq!(build_control(&[]).unwrap(), Vec::<u8>::new());
     }
 
     #[test]

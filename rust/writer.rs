@@ -10,6 +10,7 @@
 //! per request instead of two.
 
 use crate::buffer::RawBuffer;
+use crate::closer;
 use crate::connection::{send_all, Connection};
 use crate::descriptor::SocketCore;
 use crate::reader::unsupported;
@@ -210,7 +211,9 @@ impl Drop for SocketWriter {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if !st.closed && self.core.drop_io_ref() {
-            self.core.close_now();
+            // No system call here, where the GIL may be held (see `crate::closer`).
+            let core = self.core.clone();
+            closer::run(move || core.close_now());
         }
     }
 }
