@@ -10,6 +10,14 @@ use pyo3::exceptions::{PyOSError, PyTimeoutError};
 use pyo3::prelude::*;
 use std::ffi::CStr;
 
+pyo3::import_exception!(io, UnsupportedOperation);
+
+/// `io.UnsupportedOperation(what)`: what a file object raises for an operation its
+/// mode does not allow.
+pub fn unsupported(what: &str) -> PyErr {
+    UnsupportedOperation::new_err(what.to_owned())
+}
+
 #[derive(Debug)]
 pub enum Error {
     /// A failed system call, with its `errno`.
@@ -155,5 +163,20 @@ mod tests {
             let err: PyErr = Error::Timeout.into();
             assert!(err.is_instance_of::<pyo3::exceptions::PyTimeoutError>(py));
         });
+    }
+}
+
+/// The Python exception a bad timeout raises, as `socket.settimeout` raises it.
+impl From<crate::sys::syscall::BadTimeout> for PyErr {
+    fn from(bad: crate::sys::syscall::BadTimeout) -> PyErr {
+        use crate::sys::syscall::BadTimeout;
+        match bad {
+            BadTimeout::NaN => {
+                pyo3::exceptions::PyValueError::new_err("Invalid value NaN (not a number)")
+            }
+            BadTimeout::TooLarge => {
+                pyo3::exceptions::PyOverflowError::new_err("timeout value is too large")
+            }
+        }
     }
 }

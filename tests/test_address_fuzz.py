@@ -1,4 +1,4 @@
-"""Fuzzing the engine's address parsing (``rust/address.rs``) with hypothesis.
+"""Fuzzing the engine's address parsing (``rust/bridge/address.rs``) with hypothesis.
 
 ``_core._normalize_address(obj, family)`` parses an address as ``sendto`` does and
 converts it back as the kernel reports it. Valid addresses must round-trip to what the

@@ -13,10 +13,10 @@
 //! and the peer's address), so the server's thread can take it and hand it to a worker
 //! without attaching to the interpreter: the worker builds the Python objects.
 
-use crate::address;
-use crate::connection::Connection;
+use crate::blocking::connection::Connection;
+use crate::bridge::address;
 use crate::error::{catch_panic, is_handled};
-use crate::syscall::RawAddr;
+use crate::sys::syscall::RawAddr;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;

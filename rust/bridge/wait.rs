@@ -24,6 +24,7 @@
 //! nor attach, which makes blocking on it while attached safe.
 
 use crate::error::{Error, Result};
+use crate::sys::syscall;
 use pyo3::prelude::*;
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -249,5 +250,43 @@ impl<T: Send> Turn<T> {
     /// Wake every waiter so that it checks its `give_up` condition again.
     pub fn notify(&self) {
         self.changed.notify_all();
+    }
+}
+
+/// The deadline of a wait of `timeout` seconds from Python starting now, with the
+/// stdlib's errors for a server timeout or poll interval: None waits forever, zero or
+/// a negative value means now (look once without waiting), NaN raises `ValueError`
+/// and a value too large to count in nanoseconds (infinity too) `OverflowError`.
+pub fn deadline_after(timeout: Option<f64>) -> PyResult<Option<Instant>> {
+    let Some(t) = timeout else {
+        return Ok(None);
+    };
+    if t <= 0.0 {
+        return Ok(Some(Instant::now()));
+    }
+    let ns = syscall::secs_to_nanos(t)?;
+    // Cannot fail: at most 2^63 ns (292 years) from now.
+    Ok(Instant::now().checked_add(Duration::from_nanos(ns as u64)))
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::deadline_after;
+    use std::time::Instant;
+
+    #[test]
+    fn deadline_after_handles_odd_timeouts() {
+        assert_eq!(deadline_after(None).unwrap(), None);
+        let now = Instant::now();
+        assert!(deadline_after(Some(f64::NAN)).is_err());
+        assert!(deadline_after(Some(f64::INFINITY)).is_err());
+        assert!(deadline_after(Some(1e10)).is_err());
+        assert!(deadline_after(Some(-1.0))
+            .unwrap()
+            .is_some_and(|d| d <= Instant::now()));
+        assert!(deadline_after(Some(f64::NEG_INFINITY))
+            .unwrap()
+            .is_some_and(|d| d <= Instant::now()));
+        assert!(deadline_after(Some(0.5)).unwrap().is_some_and(|d| d > now));
     }
 }

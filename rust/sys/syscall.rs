@@ -10,9 +10,6 @@
 //! blocking calls (one syscall per wait, the cheapest path).
 
 use crate::error::{Error, Result};
-use pyo3::exceptions::{PyOverflowError, PyValueError};
-use pyo3::PyErr;
-use pyo3::PyResult;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -70,16 +67,6 @@ pub enum BadTimeout {
     TooLarge,
 }
 
-impl BadTimeout {
-    /// The Python exception a bad timeout raises.
-    pub fn to_py(self) -> PyErr {
-        match self {
-            BadTimeout::NaN => PyValueError::new_err("Invalid value NaN (not a number)"),
-            BadTimeout::TooLarge => PyOverflowError::new_err("timeout value is too large"),
-        }
-    }
-}
-
 /// Seconds as whole nanoseconds, rounded away from zero as CPython rounds a timeout
 /// (so that any positive timeout, however tiny, is at least one nanosecond and a
 /// timeout, never "don't wait"). The count must fit an `i64`, CPython's time type.
@@ -110,22 +97,6 @@ pub fn nanos_to_secs(ns: i64) -> f64 {
     } else {
         ns as f64 / 1e9
     }
-}
-
-/// The deadline of a wait of `timeout` seconds from Python starting now, with the
-/// stdlib's errors for a server timeout or poll interval: None waits forever, zero or
-/// a negative value means now (look once without waiting), NaN raises `ValueError`
-/// and a value too large to count in nanoseconds (infinity too) `OverflowError`.
-pub fn deadline_after(timeout: Option<f64>) -> PyResult<Option<Instant>> {
-    let Some(t) = timeout else {
-        return Ok(None);
-    };
-    if t <= 0.0 {
-        return Ok(Some(Instant::now()));
-    }
-    let ns = secs_to_nanos(t).map_err(BadTimeout::to_py)?;
-    // Cannot fail: at most 2^63 ns (292 years) from now.
-    Ok(Instant::now().checked_add(Duration::from_nanos(ns as u64)))
 }
 
 /// Milliseconds left until `deadline` for `poll(2)`, rounded up; -1 waits forever.
@@ -836,22 +807,6 @@ mod tests {
         ] {
             assert_eq!(Mode::from_nanos(m.to_nanos()), m);
         }
-    }
-
-    #[test]
-    fn deadline_after_handles_odd_timeouts() {
-        assert_eq!(deadline_after(None).unwrap(), None);
-        let now = Instant::now();
-        assert!(deadline_after(Some(f64::NAN)).is_err());
-        assert!(deadline_after(Some(f64::INFINITY)).is_err());
-        assert!(deadline_after(Some(1e10)).is_err());
-        assert!(deadline_after(Some(-1.0))
-            .unwrap()
-            .is_some_and(|d| d <= Instant::now()));
-        assert!(deadline_after(Some(f64::NEG_INFINITY))
-            .unwrap()
-            .is_some_and(|d| d <= Instant::now()));
-        assert!(deadline_after(Some(0.5)).unwrap().is_some_and(|d| d > now));
     }
 
     #[test]

@@ -8,14 +8,15 @@
 //! genuine `socket.socket` (an `ssl` wrap, say) calls `dup()` for one sharing the
 //! connection, or `detach()` and builds one from the descriptor.
 
-use crate::address;
-use crate::buffer::RawBuffer;
-use crate::descriptor::SocketCore;
+use crate::blocking::io::{send_all, CoreOf};
+use crate::blocking::reader::SocketReader;
+use crate::blocking::writer::SocketWriter;
+use crate::bridge::address;
+use crate::bridge::buffer::RawBuffer;
+use crate::bridge::wait::blocking;
 use crate::error::Error;
-use crate::reader::SocketReader;
-use crate::syscall::{self, Mode};
-use crate::wait::blocking;
-use crate::writer::SocketWriter;
+use crate::sys::descriptor::SocketCore;
+use crate::sys::syscall::{self, Mode};
 use pyo3::exceptions::{PyOverflowError, PyRuntimeWarning, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyTuple};
@@ -105,7 +106,7 @@ pub fn parse_timeout(value: Option<&Bound<'_, PyAny>>) -> PyResult<Mode> {
         // `TypeError` for other types, an `OverflowError` past an i64.
         syscall::int_secs_to_nanos(value.extract::<i64>()?)
     }
-    .map_err(syscall::BadTimeout::to_py)?;
+    .map_err(PyErr::from)?;
     match nanos {
         n if n < 0 => Err(PyValueError::new_err("Timeout value out of range")),
         0 => Ok(Mode::NonBlocking),
@@ -246,15 +247,12 @@ pub fn recv_bytes<'py>(
     Ok(PyBytes::new(py, &buf))
 }
 
-/// Send all of `data`, resuming after signals whose handlers do not raise.
-pub fn send_all(py: Python<'_>, core: &SocketCore, data: &[u8], flags: i32) -> PyResult<()> {
-    let usage = core.begin()?;
-    let mode = core.mode();
-    let deadline = mode.deadline();
-    let mut sent = 0usize;
-    blocking(py, || {
-        syscall::send_all(usage.fd, data, &mut sent, flags, mode, deadline)
-    })
+impl<'a, 'py> FromPyObject<'a, 'py> for CoreOf {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<CoreOf> {
+        Ok(CoreOf(obj.cast::<Connection>()?.get().core.clone()))
+    }
 }
 
 #[pymethods]
@@ -574,7 +572,7 @@ impl Connection {
             .ok()
             .filter(|_| zero_copy)
             .and_then(|fd| syscall::duplicate(fd).ok())
-            .map(crate::closer::ReleasedFd::new)
+            .map(crate::sys::closer::ReleasedFd::new)
         {
             if offset > 0 || file.hasattr("seek")? {
                 file.call_method1("seek", (offset,))?;

@@ -29,16 +29,16 @@
 //! and only while the channel is open, so it can never duplicate a number the kernel
 //! has already handed to another socket. Nothing here closes a bare number.
 
-use crate::address;
-use crate::buffer::RawBuffer;
+use crate::bridge::address;
+use crate::bridge::buffer::RawBuffer;
+use crate::bridge::wait::{blocking, lock};
 use crate::error::{catch_panic, is_handled, Error, Result};
-use crate::native::NativeEcho;
-use crate::syscall::{self, Mode, RawAddr};
-use crate::transport::{
+use crate::evented::native::NativeEcho;
+use crate::evented::transport::{
     self, BaseTransport, ChanState, Channel, DatagramTransport, LoopShared, Transport,
     TransportCore, CURRENT_LOOP,
 };
-use crate::wait::{blocking, lock};
+use crate::sys::syscall::{self, Mode, RawAddr};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
@@ -1378,7 +1378,7 @@ impl Drop for EventLoop {
     /// to report to). In a forked child the endpoint is the parent's: no callback.
     ///
     /// Drop runs in the object's deallocation, with the GIL held, so it makes no system
-    /// call and does not detach (see `crate::closer`): it moves the owners out (marking
+    /// call and does not detach (see `crate::sys::closer`): it moves the owners out (marking
     /// each connection closed for its transport, under the channel's short lock) and
     /// hands them to the closer. The Python objects of the connections stay behind and
     /// are dropped attached, afterwards. Taking the waker's lock while attached cannot
@@ -1409,7 +1409,7 @@ impl Drop for EventLoop {
             end_endpoint(ep);
         }
         // Closing a socket removes it from the poller; the poller closes last.
-        crate::closer::run(move || {
+        crate::sys::closer::run(move || {
             drop(unclaimed);
             drop(socks);
             drop(poll);
@@ -1511,7 +1511,7 @@ impl EventLoop {
         self.round(py, timeout, seen)
     }
 
-    /// The `serve_forever()` loop (see [`crate::serve`]), one `run_once` per round.
+    /// The `serve_forever()` loop (see [`crate::bridge::serve`]), one `run_once` per round.
     #[pyo3(signature = (server, poll_interval, service_actions = None))]
     fn serve(
         &self,
@@ -1520,10 +1520,15 @@ impl EventLoop {
         poll_interval: Option<f64>,
         service_actions: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        crate::serve::serve_forever(server, service_actions, &self.stop_wakes, |stop, seen| {
-            self.round(py, poll_interval, seen)?;
-            Ok(self.closing.load(Ordering::Acquire) || stop.is_set()?)
-        })
+        crate::bridge::serve::serve_forever(
+            server,
+            service_actions,
+            &self.stop_wakes,
+            |stop, seen| {
+                self.round(py, poll_interval, seen)?;
+                Ok(self.closing.load(Ordering::Acquire) || stop.is_set()?)
+            },
+        )
     }
 
     /// Wake the loop's current (or next) wait.
@@ -1656,7 +1661,7 @@ impl EventLoop {
             // waiting for it would never end. asyncio refuses the same way.
             return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
         }
-        let deadline = syscall::deadline_after(timeout)?;
+        let deadline = crate::bridge::wait::deadline_after(timeout)?;
         let mut guard = lock(py, &self.state);
         let st = &mut *guard;
         if st.poll.is_none() {

@@ -1,13 +1,13 @@
 //! Shared ownership of one socket descriptor.
 //!
-//! A [`SocketCore`] is shared (behind an `Arc`) by a [`Connection`](crate::connection)
+//! A [`SocketCore`] is shared (behind an `Arc`) by a [`Connection`](crate::blocking::connection)
 //! and the reader/writer objects made from it. It owns the descriptor number and
 //! guarantees the two rules of ARCHITECTURE.md, Descriptors have owners: an operation in flight holds a *use* of
 //! the descriptor, and `close()` while uses are in flight only shuts the socket down
 //! (waking the blocked reader or writer); the real `close(2)` happens when the last use
 //! ends, under the same lock, so a reused descriptor number can never be hit by mistake.
 //!
-//! Destructors here follow the rule of [`crate::closer`]: the last use ending, or the
+//! Destructors here follow the rule of [`crate::sys::closer`]: the last use ending, or the
 //! core itself dropped, with the descriptor still to close hands it over as an
 //! `OwnedFd` ([`closer::release`]), never a `close(2)` made with the GIL held.
 //!
@@ -15,9 +15,9 @@
 //! `socket.socket` keeps (`close()` on the connection defers the real close while files
 //! made from it are open).
 
-use crate::closer;
 use crate::error::{Error, Result};
-use crate::syscall::Mode;
+use crate::sys::closer;
+use crate::sys::syscall::Mode;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -185,17 +185,17 @@ impl SocketCore {
             return Ok(std::mem::replace(&mut st.fd, -1));
         }
         let fd = st.fd;
-        let cmd = match crate::syscall::get_inheritable(fd)? {
+        let cmd = match crate::sys::syscall::get_inheritable(fd)? {
             true => libc::F_DUPFD,
             false => libc::F_DUPFD_CLOEXEC,
         };
         // SAFETY: duplicating a descriptor we own and keep open under the lock.
-        let handed = crate::syscall::check(unsafe { libc::fcntl(fd, cmd, 0) })?;
+        let handed = crate::sys::syscall::check(unsafe { libc::fcntl(fd, cmd, 0) })?;
         // SAFETY: `handed` is the caller's from here on; the error path closes it.
         let handed_owner = unsafe { OwnedFd::from_raw_fd(handed) };
-        let stub = crate::syscall::path_stub()?;
+        let stub = crate::sys::syscall::path_stub()?;
         // SAFETY: both descriptors are ours; dup3 swaps what `fd` refers to in one step.
-        crate::syscall::check(unsafe { libc::dup3(stub.as_raw_fd(), fd, libc::O_CLOEXEC) })?;
+        crate::sys::syscall::check(unsafe { libc::dup3(stub.as_raw_fd(), fd, libc::O_CLOEXEC) })?;
         drop(stub);
         st.fd = -1;
         // SAFETY: the core owned `fd` (now the stub); the pending close owns it now.

@@ -7,7 +7,7 @@
 //! the interpreter. The same server with a Python protocol class then shows what the
 //! Python callbacks cost (benches/).
 
-use crate::wait::lock;
+use crate::bridge::wait::lock;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyString;

@@ -34,7 +34,7 @@
 //! none of them, and may have inherited the pool's lock held: the pool is then `stale`,
 //! its methods touch nothing and the Python side makes a new pool.
 
-use crate::dispatch::{Dispatch, Taken};
+use crate::blocking::dispatch::{Dispatch, Taken};
 use crate::error::catch_panic;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 const CAPACITY_WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// What a worker runs: a Python callable, or a request the server's thread took
-/// without attaching (see [`crate::dispatch`]).
+/// without attaching (see [`crate::blocking::dispatch`]).
 pub enum Work {
     Call(Py<PyAny>, Py<PyTuple>),
     Request(Arc<Dispatch>, Taken),
@@ -443,7 +443,7 @@ impl WorkerPool {
     #[pyo3(signature = (timeout = None))]
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let shared = &*self.shared;
-        let until = crate::syscall::deadline_after(timeout)?;
+        let until = crate::bridge::wait::deadline_after(timeout)?;
         if shared.stale() {
             return Ok(true);
         }
@@ -455,7 +455,7 @@ impl WorkerPool {
     #[pyo3(signature = (timeout = None))]
     fn close(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let shared = &*self.shared;
-        let until = crate::syscall::deadline_after(timeout)?;
+        let until = crate::bridge::wait::deadline_after(timeout)?;
         if shared.stale() {
             return Ok(true);
         }

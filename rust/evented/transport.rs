@@ -11,10 +11,10 @@
 //! A transport may be used from another thread: it then wakes the loop, so the write is
 //! not left waiting for the next event.
 
-use crate::address;
-use crate::buffer::RawBuffer;
-use crate::syscall::RawAddr;
-use crate::wait::lock;
+use crate::bridge::address;
+use crate::bridge::buffer::RawBuffer;
+use crate::bridge::wait::lock;
+use crate::sys::syscall::RawAddr;
 use mio::Waker;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -205,11 +205,11 @@ impl TransportCore {
         }
         while st.out_pos < st.out.len() {
             let pos = st.out_pos;
-            match crate::syscall::send(
+            match crate::sys::syscall::send(
                 self.fd,
                 &st.out[pos..],
                 0,
-                crate::syscall::Mode::NonBlocking,
+                crate::sys::syscall::Mode::NonBlocking,
                 None,
             ) {
                 Ok(n) => st.out_pos += n,
@@ -308,7 +308,8 @@ impl TransportCore {
         }
         // SAFETY: the channel is open, so `fd` is the loop's open descriptor, and it
         // stays open while this lock is held.
-        let dup = crate::syscall::check(unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+        let dup =
+            crate::sys::syscall::check(unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) })?;
         drop(st);
         // SAFETY: fcntl returned a new descriptor that nothing else owns.
         Ok(Some(unsafe { OwnedFd::from_raw_fd(dup) }))

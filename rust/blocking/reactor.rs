@@ -31,13 +31,13 @@
 //! In a child, `stale` is true; the server then builds a fresh reactor and drops the
 //! old one without touching the shared poller (`close()` does nothing there).
 
-use crate::address;
-use crate::connection::Connection;
-use crate::dispatch::{Dispatch, Taken};
+use crate::blocking::connection::Connection;
+use crate::blocking::dispatch::{Dispatch, Taken};
+use crate::blocking::pool::{self, Job, Refused, Work, WorkerPool};
+use crate::bridge::address;
+use crate::bridge::wait::{blocking, Held, Turn};
 use crate::error::{Error, Result};
-use crate::pool::{self, Job, Refused, Work, WorkerPool};
-use crate::syscall::{self, Mode, RawAddr};
-use crate::wait::{blocking, Held, Turn};
+use crate::sys::syscall::{self, Mode, RawAddr};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use pyo3::exceptions::PyValueError;
@@ -285,7 +285,7 @@ impl Reactor {
         timeout: Option<f64>,
         mut wait: impl FnMut(&mut PollState, Option<Instant>) -> Result<Outcome> + Send,
     ) -> PyResult<Outcome> {
-        let deadline = syscall::deadline_after(timeout)?;
+        let deadline = crate::bridge::wait::deadline_after(timeout)?;
         let closing = || self.closing.load(Ordering::Acquire);
         let Some(mut st) = self.state.take(py, deadline, closing)? else {
             return Ok(if closing() {
@@ -490,14 +490,14 @@ impl Reactor {
         }
     }
 
-    /// The `serve_forever()` loop (see [`crate::serve`]): `handle(request, address)`
+    /// The `serve_forever()` loop (see [`crate::bridge::serve`]): `handle(request, address)`
     /// for each connection (accepting mode; for datagrams the request is
     /// `(data, sock)`), or `handle()` when the listener is readable (readiness mode).
     /// An `OSError` while taking a request is ignored, as the stdlib ignores one from
     /// `get_request()`.
     ///
     /// With `report` given, none of the dispatch hooks is overridden and the engine runs
-    /// their library versions itself (see [`crate::dispatch`]), reporting a handler's
+    /// their library versions itself (see [`crate::blocking::dispatch`]), reporting a handler's
     /// exception through `report(request, address, exc)`. With `pool` given as well (a
     /// `ThreadingMixIn` server), requests go to the pool's workers without this thread
     /// attaching: it takes up to `MAX_BATCH` of them per wait (one, when
@@ -546,8 +546,11 @@ impl Reactor {
         let batch = service_actions.is_none();
         self.serving.fetch_add(1, Ordering::AcqRel);
         let mut replaced = false;
-        let served =
-            crate::serve::serve_forever(server, service_actions, &self.wakes, |stop, seen| {
+        let served = crate::bridge::serve::serve_forever(
+            server,
+            service_actions,
+            &self.wakes,
+            |stop, seen| {
                 if let Some(listener) = listener {
                     if !server.getattr(intern!(py, "socket"))?.is(listener) {
                         replaced = true;
@@ -607,7 +610,8 @@ impl Reactor {
                     }
                 }
                 Ok(stopping)
-            });
+            },
+        );
         // The listener goes back to its own flags once no loop is left (whoever holds
         // the poller now does it when it gives the poller back, if this cannot).
         self.serving.fetch_sub(1, Ordering::AcqRel);

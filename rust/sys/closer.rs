@@ -7,7 +7,7 @@
 //! must neither make a system call (`close(2)` of a TCP socket sends the FIN and runs
 //! the peer's receive path on loopback; with `SO_LINGER` it can block for seconds) nor
 //! attach to or detach from the interpreter (a detach under a held lock breaks the lock
-//! rule of [`crate::wait`]; an attach from a thread that is not attached takes the GIL in
+//! rule of [`crate::bridge::wait`]; an attach from a thread that is not attached takes the GIL in
 //! a destructor). So destructors hand what they own to [`release`] or [`run`]:
 //!
 //! - on a thread that does not hold the GIL, the work runs at once, in place;

@@ -9,12 +9,12 @@
 //! the connection reader's next wait, so a request/response handler pays one release
 //! per request instead of two.
 
-use crate::buffer::RawBuffer;
-use crate::closer;
-use crate::connection::{send_all, Connection};
-use crate::descriptor::SocketCore;
-use crate::reader::unsupported;
-use crate::wait::lock;
+use crate::blocking::io::{send_all, CoreOf};
+use crate::bridge::buffer::RawBuffer;
+use crate::bridge::wait::lock;
+use crate::error::unsupported;
+use crate::sys::closer;
+use crate::sys::descriptor::SocketCore;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -61,8 +61,8 @@ impl SocketWriter {
         let deadline = mode.deadline();
         let mut sent = 0usize;
         let fd = usage.fd;
-        let result = crate::wait::blocking(py, || {
-            crate::syscall::send_all(fd, &data, &mut sent, 0, mode, deadline)
+        let result = crate::bridge::wait::blocking(py, || {
+            crate::sys::syscall::send_all(fd, &data, &mut sent, 0, mode, deadline)
         });
         // Keep what was not sent, as BufferedWriter does; the caller sees the error.
         self.core.restore_out(data[sent..].to_vec());
@@ -100,8 +100,8 @@ impl SocketWriter {
     /// The stdlib's `_SocketWriter` over `connection`: every `write` sent in full
     /// before it returns (what `StreamRequestHandler` uses when `wbufsize == 0`).
     #[new]
-    fn py_new(connection: &Bound<'_, Connection>) -> SocketWriter {
-        SocketWriter::new(connection.get().core.clone(), 0)
+    fn py_new(connection: CoreOf) -> SocketWriter {
+        SocketWriter::new(connection.0, 0)
     }
 
     /// Send (or queue) all of `data`; returns its length in bytes.
@@ -163,13 +163,13 @@ impl SocketWriter {
         Ok(self.core.open_fileno()?)
     }
 
-    fn detach(&self, py: Python<'_>) -> PyResult<()> {
-        Err(unsupported(py, "detach"))
+    fn detach(&self) -> PyResult<()> {
+        Err(unsupported("detach"))
     }
 
     #[pyo3(signature = (*_args))]
-    fn read(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
-        Err(unsupported(py, "read"))
+    fn read(&self, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        Err(unsupported("read"))
     }
 
     #[getter]
@@ -211,7 +211,7 @@ impl Drop for SocketWriter {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if !st.closed && self.core.drop_io_ref() {
-            // No system call here, where the GIL may be held (see `crate::closer`).
+            // No system call here, where the GIL may be held (see `crate::sys::closer`).
             let core = self.core.clone();
             closer::run(move || core.close_now());
         }

@@ -9,11 +9,12 @@
 //! gives the stdlib's own raw `socket.SocketIO` instead). After a timeout the reader
 //! refuses further reads, as `socket.SocketIO` does.
 
-use crate::buffer::RawBuffer;
-use crate::closer;
-use crate::descriptor::SocketCore;
-use crate::syscall;
-use crate::wait::{blocking, lock};
+use crate::bridge::buffer::RawBuffer;
+use crate::bridge::wait::{blocking, lock};
+use crate::error::unsupported;
+use crate::sys::closer;
+use crate::sys::descriptor::SocketCore;
+use crate::sys::syscall;
 use pyo3::exceptions::{PyOSError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
@@ -413,17 +414,17 @@ impl SocketReader {
         Ok(self.core.open_fileno()?)
     }
 
-    fn detach(&self, py: Python<'_>) -> PyResult<()> {
-        Err(unsupported(py, "detach"))
+    fn detach(&self) -> PyResult<()> {
+        Err(unsupported("detach"))
     }
 
     #[pyo3(signature = (*_args))]
-    fn seek(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
-        Err(unsupported(py, "seek"))
+    fn seek(&self, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        Err(unsupported("seek"))
     }
 
-    fn tell(&self, py: Python<'_>) -> PyResult<()> {
-        Err(unsupported(py, "tell"))
+    fn tell(&self) -> PyResult<()> {
+        Err(unsupported("tell"))
     }
 
     #[getter]
@@ -464,23 +465,9 @@ impl Drop for SocketReader {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if !st.closed && self.core.drop_io_ref() {
-            // No system call here, where the GIL may be held (see `crate::closer`).
+            // No system call here, where the GIL may be held (see `crate::sys::closer`).
             let core = self.core.clone();
             closer::run(move || core.close_now());
         }
-    }
-}
-
-/// `io.UnsupportedOperation(what)`.
-pub fn unsupported(py: Python<'_>, what: &str) -> PyErr {
-    match py
-        .import("io")
-        .and_then(|io| io.getattr("UnsupportedOperation"))
-    {
-        Ok(cls) => match cls.call1((what,)) {
-            Ok(exc) => PyErr::from_value(exc),
-            Err(e) => e,
-        },
-        Err(e) => e,
     }
 }

@@ -4,7 +4,7 @@
 //! Linux's abstract namespace, `''` for an unnamed peer).
 
 use crate::error::Error;
-use crate::syscall::RawAddr;
+use crate::sys::syscall::RawAddr;
 use pyo3::exceptions::{PyOverflowError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString, PyTuple};

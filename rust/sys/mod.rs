@@ -1,0 +1,12 @@
+//! The operating system side: no `Python` in any signature here.
+//!
+//! - [`syscall`]: every socket system call, with CPython's timeout semantics, meant to
+//!   run detached;
+//! - [`descriptor`]: `SocketCore`, shared ownership of one accepted socket (uses in
+//!   flight, close deferred to the last use);
+//! - [`closer`]: the destructor rule: descriptors a `Drop` releases under the GIL are
+//!   closed by a thread that never touches Python.
+
+pub mod closer;
+pub mod descriptor;
+pub mod syscall;
