@@ -829,7 +829,7 @@ def test_fast_duck_typed_buffered_protocol():
     fss()
     made = DuckBuffered.made
     made.clear()
-    assert fss()._servers._is_protocol_class(DuckBuffered)
+    assert fss()._engine.is_protocol_class(DuckBuffered)
     with running("fast", DuckBuffered) as r:
         with r.connect() as c:
             c.sendall(b"duck!")

@@ -15,7 +15,7 @@ import weakref
 from typing import Any
 
 from . import _core
-from ._servers import _HANDLED, _library_dispatch
+from . import _engine
 
 __all__ = ["ThreadingMixIn", "ForkingMixIn"]
 
@@ -92,7 +92,7 @@ class ForkingMixIn:
         try:
             self.finish_request(request, client_address)  # type: ignore[attr-defined]
             status = 0
-        except _HANDLED:
+        except _engine.HANDLED:
             self.handle_error(request, client_address)  # type: ignore[attr-defined]
         finally:
             try:
@@ -195,7 +195,7 @@ class ThreadingMixIn:
         if that raises, and ``shutdown_request()`` in any case."""
         try:
             self.finish_request(request, client_address)  # type: ignore[attr-defined]
-        except _HANDLED:
+        except _engine.HANDLED:
             self.handle_error(request, client_address)  # type: ignore[attr-defined]
         finally:
             self.shutdown_request(request)  # type: ignore[attr-defined]
@@ -217,7 +217,7 @@ class ThreadingMixIn:
         """The pool, when the engine may queue requests on it itself: none of the
         dispatch hooks, ``process_request`` and ``process_request_thread`` included, is
         overridden (the engine then runs what they do; see ``_core.Reactor.serve``)."""
-        own = _library_dispatch(
+        own = _engine.library_dispatch(
             self,  # type: ignore[arg-type]
             kind,
             process_request=ThreadingMixIn.process_request,

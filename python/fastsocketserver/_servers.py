@@ -16,50 +16,18 @@ import os
 import socket
 import sys
 import threading
-import weakref
 from time import monotonic as _time
 from typing import Any, Callable
 
-from . import _core
-from ._handlers import BaseRequestHandler
+from . import _core, _engine
 
 __all__ = ["BaseServer", "TCPServer", "UDPServer", "UnixStreamServer", "UnixDatagramServer"]
-
-#: What the dispatch boundary sends to ``handle_error``: the stdlib's ``Exception``, and
-#: a Rust panic (PyO3's ``PanicException`` derives from ``BaseException``) so that an
-#: engine bug fails one request instead of stopping the server.
-_HANDLED = (Exception, _core.PanicException)
 
 #: What ``_next_request`` returns when the listener is readable but the request must be
 #: taken by the (overridden) ``get_request``.
 _READY = object()
 #: What ``_next_request`` returns when the event loop ran protocol callbacks itself.
 _DONE = object()
-
-
-def _weak_method(server: Any, name: str) -> Callable[..., Any]:
-    """``getattr(server, name)`` as a callable that does not keep ``server`` alive."""
-    ref = weakref.ref(server)
-
-    def call(*args: Any) -> Any:
-        target = ref()
-        if target is None:
-            raise ReferenceError(f"the server of this {name}() is gone")
-        return getattr(target, name)(*args)
-
-    return call
-
-
-def _is_protocol_class(handler: Any) -> bool:
-    """True for an ``asyncio.Protocol``-shaped handler class (run on the event loop)."""
-    if not isinstance(handler, type) or issubclass(handler, BaseRequestHandler):
-        return False
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None and issubclass(handler, asyncio.BaseProtocol):
-        return True
-    return any(
-        hasattr(handler, name) for name in ("data_received", "get_buffer", "datagram_received")
-    )
 
 
 class BaseServer:
@@ -87,7 +55,7 @@ class BaseServer:
 
         Subclasses extend this (calling it), never replace it.
         """
-        if not self._serves_protocols and _is_protocol_class(RequestHandlerClass):
+        if not self._serves_protocols and _engine.is_protocol_class(RequestHandlerClass):
             raise TypeError(
                 f"{type(self).__name__} cannot run the protocol handler "
                 f"{RequestHandlerClass.__name__}: protocol handlers run on the server's "
@@ -124,48 +92,10 @@ class BaseServer:
                 # The old listener's flag is put back only if it is still open under
                 # the same number; in a forked child this only marks the parent's
                 # reactor closed.
-                _close(reactor, old_socket)
-            if isinstance(sock, socket.socket) and sock.fileno() == fd:
-                family, kind, proto = int(sock.family), int(sock.type), sock.proto
-            else:
-                family, kind, proto = socket.AF_UNSPEC, 0, 0
-            plain = _plain_listener(sock, kind)
-            accepting = plain and _library_get_request(self, kind)
-            if _is_protocol_class(self.RequestHandlerClass):
-                if not plain:
-                    raise TypeError(
-                        f"{type(self).__name__}.socket is a {type(sock).__module__}."
-                        f"{type(sock).__qualname__}, not a plain socket.socket: protocol "
-                        "handlers are accepted by the engine's event loop on the raw "
-                        "descriptor, which would bypass that object's accept() (for an "
-                        "ssl.SSLSocket, its TLS handshake) and serve plaintext"
-                    )
-                reactor = self._event_loop(fd, family, kind, proto, accepting)
-            else:
-                reactor = _core.Reactor(fd, family, kind, proto, accepting)
+                _engine.close(reactor, old_socket)
+            reactor = _engine.make_engine(self, fd, sock)
             self.__reactor, self.__reactor_socket = reactor, sock
         return reactor
-
-    def _event_loop(self, fd: int, family: int, kind: int, proto: int, accepting: bool) -> Any:
-        if not accepting:
-            raise TypeError(
-                "protocol handlers are served by the engine's own accept loop; "
-                f"{type(self).__name__} overrides get_request(), which it cannot call"
-            )
-        # The loop lives in the server's __dict__: it must not hold the server strongly
-        # (the engine's objects are invisible to the cycle collector), or a server dropped
-        # without server_close() would never be freed, nor its connections closed.
-        verify = _weak_method(self, "verify_request") if _overridden(self, "verify_request") else None
-        return _core.EventLoop(
-            fd,
-            family,
-            kind,
-            proto,
-            self.RequestHandlerClass,
-            _weak_method(self, "_report_error"),
-            verify,
-            self.idle_timeout,
-        )
 
     def _engine_pool(self, kind: int) -> Any:
         """The worker pool the engine may hand requests to itself (see ThreadingMixIn):
@@ -187,7 +117,7 @@ class BaseServer:
         reactor, self.__reactor = self.__reactor, None
         old_socket, self.__reactor_socket = self.__reactor_socket, None
         if reactor is not None:
-            _close(reactor, old_socket)
+            _engine.close(reactor, old_socket)
 
     def _next_request(self, timeout: float | None) -> Any:
         """Wait up to ``timeout`` for the next request.
@@ -239,7 +169,7 @@ class BaseServer:
     def _serve_with(self, reactor: Any, poll_interval: float | None) -> bool:
         """Run the engine's loop on ``reactor``: True if it ended because
         ``server.socket`` was replaced."""
-        actions = self.service_actions if _overridden(self, "service_actions") else None
+        actions = self.service_actions if _engine.overridden(self, "service_actions") else None
         if type(reactor) is _core.EventLoop:
             reactor.serve(self, poll_interval, actions)
             return False
@@ -247,7 +177,7 @@ class BaseServer:
         if reactor.accepting:
             bufsize = getattr(self, "max_packet_size", 8192)
             pool = self._engine_pool(reactor.kind)
-            library = pool is not None or _library_dispatch(self, reactor.kind)
+            library = pool is not None or _engine.library_dispatch(self, reactor.kind)
             report = self._report_error if library else None
             return reactor.serve(
                 self, poll_interval, self._handle_accepted, actions, listener, bufsize, report, pool, listener
@@ -310,7 +240,7 @@ class BaseServer:
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)
-            except _HANDLED:
+            except _engine.HANDLED:
                 self.handle_error(request, client_address)
                 self.shutdown_request(request)
             except:  # noqa: E722 -- SystemExit/KeyboardInterrupt propagate, as in the stdlib
@@ -498,91 +428,20 @@ class UnixDatagramServer(UDPServer):
     address_family = socket.AF_UNIX
 
 
-_OWN_GET_REQUEST = {
-    TCPServer.get_request: socket.SOCK_STREAM,
-    UDPServer.get_request: socket.SOCK_DGRAM,
-}
-
-
-def _overridden(server: BaseServer, name: str) -> bool:
-    """True when ``server.<name>`` is not BaseServer's own (a subclass or the instance
-    overrides it), so the engine must call it."""
-    return name in vars(server) or getattr(type(server), name) is not getattr(BaseServer, name)
-
-
-#: The dispatch hooks whose library versions the engine runs itself (for one request:
-#: the handler, ``handle_error`` on an exception, the close), per socket type.
-_LIBRARY_DISPATCH = {
-    socket.SOCK_STREAM: {
-        "_handle_accepted": BaseServer._handle_accepted,
-        "verify_request": BaseServer.verify_request,
-        "process_request": BaseServer.process_request,
-        "finish_request": BaseServer.finish_request,
-        "shutdown_request": TCPServer.shutdown_request,
-        "close_request": TCPServer.close_request,
+_engine.register_library(
+    base=BaseServer,
+    get_request={TCPServer.get_request: socket.SOCK_STREAM, UDPServer.get_request: socket.SOCK_DGRAM},
+    dispatch={
+        kind: {
+            "_handle_accepted": BaseServer._handle_accepted,
+            "verify_request": BaseServer.verify_request,
+            "process_request": BaseServer.process_request,
+            "finish_request": BaseServer.finish_request,
+            "shutdown_request": server.shutdown_request,
+            "close_request": server.close_request,
+        }
+        for kind, server in ((socket.SOCK_STREAM, TCPServer), (socket.SOCK_DGRAM, UDPServer))
     },
-    socket.SOCK_DGRAM: {
-        "_handle_accepted": BaseServer._handle_accepted,
-        "verify_request": BaseServer.verify_request,
-        "process_request": BaseServer.process_request,
-        "finish_request": BaseServer.finish_request,
-        "shutdown_request": UDPServer.shutdown_request,
-        "close_request": UDPServer.close_request,
-    },
-}
-
-
-def _library_dispatch(server: BaseServer, kind: int, **mixin_hooks: Any) -> bool:
-    """True when every dispatch hook of ``server`` is the library's own for a socket
-    of ``kind`` (no subclass, mix-in or instance overrides one): the engine may then run
-    them itself, with the same behaviour and fewer Python calls. ``mixin_hooks`` are
-    the hooks a library mix-in replaces (``process_request=ThreadingMixIn.process_request``)."""
-    hooks = _LIBRARY_DISPATCH.get(kind)
-    if hooks is None:
-        return False
-    hooks = {**hooks, **mixin_hooks}
-    return all(name not in vars(server) and getattr(type(server), name, None) is own for name, own in hooks.items())
-
-
-def _fileno(sock: Any) -> int:
-    """``sock.fileno()``, or -1 for a closed or detached socket or no socket at all."""
-    try:
-        return sock.fileno()
-    except (AttributeError, OSError, ValueError):
-        return -1
-
-
-def _close(reactor: Any, listener: Any) -> None:
-    """Close ``reactor``, saying whether its listener is still open under its number."""
-    if type(reactor) is _core.Reactor:
-        reactor.close(_fileno(listener) == reactor.fd)
-    else:
-        reactor.close()
-
-
-def _plain_listener(sock: Any, kind: int) -> bool:
-    """True when taking a request on ``sock``'s descriptor in the engine is exactly what
-    ``sock.accept()`` (``sock.recvfrom()`` for datagrams) would do: a ``socket.socket``
-    whose class and instance keep the socket module's own methods. Anything else (an
-    ``ssl.SSLSocket``, whose ``accept()`` runs the TLS handshake; a subclass or object
-    with its own ``accept``) must be called as the stdlib calls it."""
-    if not isinstance(sock, socket.socket):
-        return False
-    ssl = sys.modules.get("ssl")
-    if ssl is not None and isinstance(sock, ssl.SSLSocket):
-        return False
-    names = ("accept", "_accept") if kind == socket.SOCK_STREAM else ("recvfrom",)
-    own = getattr(sock, "__dict__", {})
-    cls = type(sock)
-    return all(name not in own and getattr(cls, name) is getattr(socket.socket, name) for name in names)
-
-
-def _library_get_request(server: BaseServer, kind: int) -> bool:
-    """True when ``server.get_request`` is the library's own for a socket of ``kind``,
-    so that the engine may accept (or receive) on its behalf."""
-    if "get_request" in vars(server):
-        return False
-    return _OWN_GET_REQUEST.get(getattr(type(server), "get_request", None)) == kind
-
+)
 
 del os
