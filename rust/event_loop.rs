@@ -975,6 +975,7 @@ impl EventLoop {
                     socket: Mutex::new(None),
                     fd,
                     on_error: self.on_error.clone_ref(py),
+                    limits: Mutex::new(None),
                     family: self.family,
                     kind: self.kind,
                     proto: self.proto,
@@ -1199,6 +1200,7 @@ impl EventLoop {
                 socket: Mutex::new(None),
                 fd: self.fd,
                 on_error: self.on_error.clone_ref(py),
+                limits: Mutex::new(None),
                 family: self.family,
                 kind: self.kind,
                 proto: self.proto,
@@ -1271,7 +1273,7 @@ fn recv_datagram(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Result<(usize, Raw
 /// paused and the queue is down to the low-water mark.
 fn after_flush(cs: &mut ChanState, pending: &mut VecDeque<Event>, token: usize) -> usize {
     let left = cs.pending();
-    if cs.writing_paused && left <= cs.low {
+    if cs.writing_paused && left as f64 <= cs.low {
         cs.writing_paused = false;
         pending.push_back(Event::Resume(token));
     }

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.trsock
+import decimal
+import fractions
 import gc
 import os
 import socket
@@ -571,7 +573,8 @@ def run_flow_writer(backend, P, **kwargs):
     return stalled, rec, r
 
 
-@pytest.mark.parametrize("limits", [None, {"high": 256 * 1024}, {"high": 4096, "low": 0}])
+@pytest.mark.parametrize("limits", [None, {"high": 256 * 1024}, {"high": 4096, "low": 0},
+                                    {"high": 4096.5, "low": 100.25}])
 def test_pause_writing_called_as_often_as_asyncio(limits):
     """The same writer on both backends: while the peer reads nothing, exactly one
     pause_writing and no resume_writing (the kernel's buffers fill first, then the
@@ -707,6 +710,74 @@ def test_write_buffer_limit_arguments_as_asyncio(backend):
         "size": 0,
         "default": (16 * 1024, 64 * 1024),
     }
+
+
+class NumericLimitArgs:
+    """set_write_buffer_limits() with floats and other numbers, None and bad types:
+    records, for each call, what get_write_buffer_limits() then returns (with the
+    types) or the exception (type and message)."""
+
+    CASES = [
+        ("high float", dict(high=1000.5)),
+        ("low float", dict(low=10.5)),
+        ("both float", dict(high=100.0, low=25.0)),
+        ("float high, int low", dict(high=7.5, low=7)),
+        ("int high, float low", dict(high=8, low=7.5)),
+        ("low float above high", dict(high=10, low=10.5)),
+        ("negative float", dict(high=-0.5)),
+        ("inf", dict(high=float("inf"))),
+        ("inf both", dict(high=float("inf"), low=float("inf"))),
+        ("nan", dict(high=float("nan"))),
+        ("nan low", dict(high=10, low=float("nan"))),
+        ("None None", dict(high=None, low=None)),
+        ("True", dict(high=True)),
+        ("Fraction", dict(high=fractions.Fraction(9, 2))),
+        ("Decimal", dict(high=decimal.Decimal("10.5"))),
+        ("huge int", dict(high=2 ** 80)),
+        ("str high", dict(high="x")),
+        ("str low", dict(low="x")),
+        ("bytes", dict(high=b"", low=b"")),
+        ("lists, low above", dict(high=[0], low=[1])),
+        ("lists", dict(high=[1], low=[0])),
+        ("object", dict(high=object())),
+        ("positional", (200.0, 50.0)),
+    ]
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        c = self.rec.checks
+        for name, args in self.CASES:
+            try:
+                if isinstance(args, tuple):
+                    transport.set_write_buffer_limits(*args)
+                else:
+                    transport.set_write_buffer_limits(**args)
+            except Exception as exc:
+                c[name] = (type(exc).__name__, str(exc))
+            else:
+                c[name] = [(type(v).__name__, repr(v)) for v in transport.get_write_buffer_limits()]
+        transport.set_write_buffer_limits()
+        transport.write(b"ok")
+        transport.close()
+
+
+def test_write_buffer_limits_floats_and_bad_types_as_asyncio():
+    """asyncio computes the limits with Python's operators: floats (and other numbers)
+    are kept as given, inf // 4 is nan (refused), and a bad type raises whatever its
+    operators raise. Both backends record the same for every call."""
+    fss()
+    results = {}
+    for backend in ("asyncio", "fast"):
+        P = make_protocol(NumericLimitArgs)
+        with running(backend, P) as r:
+            with r.connect() as c:
+                assert recv_until_eof(c) == b"ok"
+            wait_lost(P.log)
+        results[backend] = tp.only_conn(P.log).checks
+    assert results["fast"] == results["asyncio"]
+    # and what the comparison is about, so that it cannot pass vacuously
+    assert results["asyncio"]["high float"] == [("float", "250.0"), ("float", "1000.5")]
+    assert results["asyncio"]["inf"][0] == "ValueError"
 
 
 # ---------------------------------------------------------------------------
