@@ -100,6 +100,8 @@ struct Conn {
     protocol: Option<Py<PyAny>>,
     /// Where received data goes; None until the protocol is made.
     sink: Option<Sink>,
+    /// The transport's `protocol_gen` that `protocol` and `sink` were read at.
+    gen: u64,
     addr: Py<PyAny>,
     last_active: Instant,
     writable_interest: bool,
@@ -155,6 +157,20 @@ fn is_buffered(py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<bool> {
     Ok(!protocol.hasattr("data_received")? && protocol.hasattr("get_buffer")?)
 }
 
+/// How `protocol` takes received data.
+fn make_sink(py: Python<'_>, protocol: &Py<PyAny>) -> PyResult<Sink> {
+    Ok(if protocol.bind(py).is_instance_of::<NativeEcho>() {
+        Sink::Native
+    } else if is_buffered(py, protocol.bind(py))? {
+        Sink::Buffered {
+            get_buffer: protocol.getattr(py, "get_buffer")?,
+            buffer_updated: protocol.getattr(py, "buffer_updated")?,
+        }
+    } else {
+        Sink::Bytes(protocol.getattr(py, "data_received")?)
+    })
+}
+
 /// Whether received data may go to the protocol now.
 enum Gate {
     Open,
@@ -178,46 +194,71 @@ impl Conn {
         }
     }
 
-    /// Hand `data` to the protocol.
+    /// After `transport.set_protocol()`: every later callback goes to the new protocol,
+    /// and its data the way it takes it (asyncio switches between `data_received` and
+    /// a `BufferedProtocol`'s buffers too). One atomic load when nothing changed.
+    /// Before the protocol is made there is nothing to switch. An error (the new
+    /// protocol has no `data_received`, say) leaves no sink: nothing more is delivered.
+    fn refresh(&mut self, py: Python<'_>) -> PyResult<()> {
+        let core = &self.transport.get().core;
+        let gen = core.protocol_gen.load(Ordering::Acquire);
+        if gen == self.gen || self.protocol.is_none() {
+            return Ok(());
+        }
+        self.gen = gen;
+        let protocol = lock(py, &core.protocol).clone_ref(py);
+        self.sink = None;
+        self.protocol = Some(protocol.clone_ref(py));
+        self.sink = Some(make_sink(py, &protocol)?);
+        Ok(())
+    }
+
+    /// Hand `data` to the protocol (the transport's current one: a callback may switch
+    /// it between two buffers of a `BufferedProtocol`).
     fn deliver(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        match self.sink.as_ref() {
-            Some(Sink::Native) => transport::write_slice(self.transport.bind(py), data),
-            Some(Sink::Bytes(on_data)) => {
-                let data = PyBytes::new(py, data);
-                catch_panic(|| on_data.call1(py, (data,))).map(drop)
-            }
-            Some(Sink::Buffered {
-                get_buffer,
-                buffer_updated,
-            }) => {
-                let (get_buffer, buffer_updated) =
-                    (get_buffer.clone_ref(py), buffer_updated.clone_ref(py));
-                let mut rest = data;
-                while !rest.is_empty() {
+        let mut rest = data;
+        loop {
+            self.refresh(py)?;
+            let taken = match self.sink.as_ref() {
+                Some(Sink::Native) => {
+                    transport::write_slice(self.transport.bind(py), rest)?;
+                    rest.len()
+                }
+                Some(Sink::Bytes(on_data)) => {
+                    let data = PyBytes::new(py, rest);
+                    catch_panic(|| on_data.call1(py, (data,)))?;
+                    rest.len()
+                }
+                Some(Sink::Buffered {
+                    get_buffer,
+                    buffer_updated,
+                }) => {
+                    let (get_buffer, buffer_updated) =
+                        (get_buffer.clone_ref(py), buffer_updated.clone_ref(py));
                     let view = protocol_buffer(py, &get_buffer)?;
                     let n = view.len().min(rest.len());
                     // SAFETY: the export is writable, contiguous and `view.len()` >= n
                     // bytes long; it stays pinned until `view` is dropped below.
                     unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), view.ptr().get(), n) };
                     drop(view);
-                    rest = &rest[n..];
                     catch_panic(|| buffer_updated.call1(py, (n,)))?;
-                    if rest.is_empty() {
-                        break;
-                    }
-                    // buffer_updated() may have paused reading or closed the transport.
-                    match self.gate(py, false) {
-                        Gate::Open => {}
-                        Gate::Hold => {
-                            self.held.splice(0..0, rest.iter().copied());
-                            break;
-                        }
-                        Gate::Drop => break,
-                    }
+                    n
                 }
-                Ok(())
+                None => return Ok(()),
+            };
+            rest = &rest[taken..];
+            if rest.is_empty() {
+                return Ok(());
             }
-            None => Ok(()),
+            // buffer_updated() may have paused reading or closed the transport.
+            match self.gate(py, false) {
+                Gate::Open => {}
+                Gate::Hold => {
+                    self.held.splice(0..0, rest.iter().copied());
+                    return Ok(());
+                }
+                Gate::Drop => return Ok(()),
+            }
         }
     }
 
@@ -256,12 +297,28 @@ struct DatagramEndpoint {
     protocol: Option<Py<PyAny>>,
     /// The protocol is a `NativeEcho`.
     native: bool,
+    /// The transport's `protocol_gen` that `protocol` and `native` were read at.
+    gen: u64,
     writable_interest: bool,
     /// Ended by the transport's `close()`/`abort()`: out of the poller.
     ended: bool,
 }
 
 impl DatagramEndpoint {
+    /// After `transport.set_protocol()`: the later callbacks go to the new protocol
+    /// (one atomic load when nothing changed; nothing once `connection_lost` ran).
+    fn refresh(&mut self, py: Python<'_>) {
+        let core = &self.transport.get().core;
+        let gen = core.protocol_gen.load(Ordering::Acquire);
+        if gen == self.gen || self.protocol.is_none() {
+            return;
+        }
+        self.gen = gen;
+        let protocol = lock(py, &core.protocol).clone_ref(py);
+        self.native = protocol.bind(py).is_instance_of::<NativeEcho>();
+        self.protocol = Some(protocol);
+    }
+
     /// The protocol, while it is to get datagrams (the transport is not closing).
     fn receiving(&self, py: Python<'_>) -> Option<&Py<PyAny>> {
         let cs = lock(py, &self.chan.state);
@@ -811,6 +868,13 @@ impl EventLoop {
                     self.on_accepted(py, st, token, fd, &peer, &local)?
                 }
                 Event::Data(token, start, len) => {
+                    let Some(conn) = conn_mut(&mut st.conns, token) else {
+                        continue;
+                    };
+                    if let Err(err) = conn.refresh(py) {
+                        self.after_callback(py, st, token, Err(err))?;
+                        continue;
+                    }
                     let LoopState { conns, arena, .. } = &mut *st;
                     let Some(conn) = conn_mut(conns, token) else {
                         continue;
@@ -833,6 +897,7 @@ impl EventLoop {
                 Event::Eof(token) => self.on_eof(py, st, token, true)?,
                 Event::Held(token) => self.on_held(py, st, token)?,
                 Event::Resume(token) => {
+                    self.refresh(py, st, token);
                     let protocol = if token == LISTENER.0 {
                         st.datagram
                             .as_ref()
@@ -847,6 +912,7 @@ impl EventLoop {
                 }
                 Event::Lost(token, why) => self.on_lost(py, st, token, why)?,
                 Event::Datagram(start, len, addr) => {
+                    self.refresh(py, st, LISTENER.0);
                     let Some(ep) = st.datagram.as_ref() else {
                         continue;
                     };
@@ -868,6 +934,7 @@ impl EventLoop {
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
                 Event::DatagramError(code) => {
+                    self.refresh(py, st, LISTENER.0);
                     let Some(protocol) = st.datagram.as_ref().and_then(|ep| ep.receiving(py))
                     else {
                         continue;
@@ -884,6 +951,18 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Before a flow-control or datagram callback: follow `set_protocol()` (see
+    /// [`Conn::refresh`]; an unusable new sink is reported when data comes, not here).
+    fn refresh(&self, py: Python<'_>, st: &mut LoopState, token: usize) {
+        if token == LISTENER.0 {
+            if let Some(ep) = st.datagram.as_mut() {
+                ep.refresh(py);
+            }
+        } else if let Some(conn) = conn_mut(&mut st.conns, token) {
+            let _ = conn.refresh(py);
+        }
+    }
+
     /// The peer's end of stream: `eof_received()`, unless reading is paused (then held
     /// for `resume_reading()`) or the transport is closing.
     fn on_eof(
@@ -893,6 +972,12 @@ impl EventLoop {
         token: usize,
         held_first: bool,
     ) -> PyResult<()> {
+        let Some(conn) = conn_mut(&mut st.conns, token) else {
+            return Ok(());
+        };
+        if let Err(err) = conn.refresh(py) {
+            return self.after_callback(py, st, token, Err(err));
+        }
         let Some(conn) = conn_mut(&mut st.conns, token) else {
             return Ok(());
         };
@@ -970,6 +1055,7 @@ impl EventLoop {
                 TransportCore {
                     chan: chan.clone(),
                     protocol: Mutex::new(py.None()),
+                    protocol_gen: AtomicU64::new(0),
                     peername: addr.clone_ref(py),
                     sockname: address::to_python(py, local)?.unbind(),
                     socket: Mutex::new(None),
@@ -1006,6 +1092,7 @@ impl EventLoop {
             transport: transport.clone_ref(py),
             protocol: None,
             sink: None,
+            gen: 0,
             addr: addr.clone_ref(py),
             last_active: Instant::now(),
             writable_interest: false,
@@ -1029,19 +1116,11 @@ impl EventLoop {
         let made = catch_panic(|| -> PyResult<()> {
             let protocol = self.factory.call0(py)?;
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
-            let sink = if protocol.bind(py).is_instance_of::<NativeEcho>() {
-                Sink::Native
-            } else if is_buffered(py, protocol.bind(py))? {
-                Sink::Buffered {
-                    get_buffer: protocol.getattr(py, "get_buffer")?,
-                    buffer_updated: protocol.getattr(py, "buffer_updated")?,
-                }
-            } else {
-                Sink::Bytes(protocol.getattr(py, "data_received")?)
-            };
+            let sink = make_sink(py, &protocol)?;
             if let Some(conn) = conn_mut(&mut st.conns, token) {
                 conn.protocol = Some(protocol.clone_ref(py));
                 conn.sink = Some(sink);
+                conn.gen = transport.get().core.protocol_gen.load(Ordering::Acquire);
             }
             protocol.call_method1(py, "connection_made", (transport.clone_ref(py),))?;
             Ok(())
@@ -1060,6 +1139,9 @@ impl EventLoop {
             return Ok(());
         };
         st.free.push(token);
+        // The current protocol gets connection_lost, even if how it takes data is not
+        // usable (that error was reported when data came).
+        let _ = conn.refresh(py);
         let Some(protocol) = conn.protocol.take() else {
             conn.transport.get().core.release(py);
             return Ok(());
@@ -1093,6 +1175,7 @@ impl EventLoop {
         let Some(ep) = st.datagram.as_mut() else {
             return Ok(());
         };
+        ep.refresh(py);
         let Some(protocol) = ep.protocol.take() else {
             return Ok(());
         };
@@ -1195,6 +1278,7 @@ impl EventLoop {
             TransportCore {
                 chan: chan.clone(),
                 protocol: Mutex::new(protocol.clone_ref(py)),
+                protocol_gen: AtomicU64::new(0),
                 peername: py.None(),
                 sockname: address::to_python(py, &local)?.unbind(),
                 socket: Mutex::new(None),
@@ -1211,6 +1295,7 @@ impl EventLoop {
             transport: transport.clone_ref(py),
             protocol: Some(protocol.clone_ref(py)),
             native: protocol.bind(py).is_instance_of::<NativeEcho>(),
+            gen: 0,
             writable_interest: false,
             ended: false,
         });

@@ -22,6 +22,7 @@ use pyo3::PyClass;
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// asyncio's default write buffer limits.
@@ -136,6 +137,9 @@ impl Channel {
 pub struct TransportCore {
     pub chan: Arc<Channel>,
     pub protocol: Mutex<Py<PyAny>>,
+    /// Bumped by each `set_protocol()`: the loop re-reads `protocol` (and how it takes
+    /// data) only when this differs from what it saw last, one atomic load per event.
+    pub protocol_gen: AtomicU64,
     pub peername: Py<PyAny>,
     pub sockname: Py<PyAny>,
     /// `get_extra_info('socket')`, made on first request: a `socket.socket` on a
@@ -486,8 +490,12 @@ impl BaseTransport {
         lock(py, &self.core.protocol).clone_ref(py)
     }
 
+    /// Every later callback goes to `protocol` (asyncio: also whether data comes
+    /// through `data_received` or a `BufferedProtocol`'s buffers); the loop sees the
+    /// new generation before its next callback for this transport.
     fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>) {
         *lock(py, &self.core.protocol) = protocol;
+        self.core.protocol_gen.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -1205,3 +1205,147 @@ def test_fast_forked_child_leaves_the_parents_poller_alone(child_end):
         t.join(ROUND_TIMEOUT)
         holder["server"].server_close()
     assert not t.is_alive()
+
+
+# ---------------------------------------------------------------------------
+# 10. transport.set_protocol(): every later callback goes to the new protocol
+# ---------------------------------------------------------------------------
+
+class SwitchLog:
+    """The callbacks of the protocols of one connection, in order, each named
+    ``"<protocol>.<callback>"``; get_buffer + buffer_updated pairs are "data"."""
+
+    def __init__(self):
+        self.events = []
+        self.lost = threading.Event()
+
+    def add(self, who, what, *args):
+        self.events.append((who, what) + args)
+
+    def snapshot(self):
+        # (the asyncio runner's close-all: these tests end every connection first)
+        return []
+
+
+class SwitchBase:
+    """Echoes with its name as prefix; on b"switch:<name>" hands the transport to a
+    new protocol of that name (without connection_made, as asyncio)."""
+
+    name = "?"
+    log: SwitchLog
+    kinds: dict  # name -> class
+
+    def __init__(self, transport=None):
+        self.transport = transport
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.log.add(self.name, "connection_made")
+
+    def on_data(self, data):
+        if data.startswith(b"switch:"):
+            new = self.kinds[data[7:].decode()](self.transport)
+            self.transport.set_protocol(new)
+            self.log.add(self.name, "switched", self.transport.get_protocol() is new)
+            self.transport.write(b"switched")
+        else:
+            self.transport.write(self.name.encode() + b":" + data)
+
+    def eof_received(self):
+        self.log.add(self.name, "eof_received")
+
+    def connection_lost(self, exc):
+        self.log.add(self.name, "connection_lost", tp.exc_name(exc))
+        self.log.lost.set()
+
+    def pause_writing(self):
+        self.log.add(self.name, "pause_writing")
+
+    def resume_writing(self):
+        self.log.add(self.name, "resume_writing")
+        self.transport.close()
+
+
+class SwitchPlain(SwitchBase, asyncio.Protocol):
+    def data_received(self, data):
+        self.log.add(self.name, "data")
+        self.on_data(data)
+
+
+class SwitchBuffered(SwitchBase, asyncio.BufferedProtocol):
+    def __init__(self, transport=None):
+        super().__init__(transport)
+        self.buf = bytearray(1 << 16)
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.log.add(self.name, "data")
+        self.on_data(bytes(self.buf[:nbytes]))
+
+
+def switch_protocols():
+    """Protocols A (plain), B (buffered), C (plain) sharing one fresh SwitchLog."""
+    log = SwitchLog()
+    kinds = {}
+    for name, base in [("A", SwitchPlain), ("B", SwitchBuffered), ("C", SwitchPlain)]:
+        kinds[name] = type(f"Switch{name}", (base,), {"name": name, "log": log, "kinds": kinds})
+    return log, kinds
+
+
+def switch_run(backend):
+    """A -> B (BufferedProtocol) -> C: each message is answered by the protocol set
+    last; the end of stream and connection_lost go to C. Returns (replies, events)."""
+    log, kinds = switch_protocols()
+    replies = []
+    with running(backend, kinds["A"]) as r:
+        with r.connect() as c:
+            for msg in [b"one", b"switch:B", b"two", b"three", b"switch:C", b"four"]:
+                c.sendall(msg)
+                want = b"switched" if msg.startswith(b"switch:") else 2 + len(msg)
+                want = want if isinstance(want, int) else len(want)
+                replies.append(recv_exactly(c, want))
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        assert log.lost.wait(ROUND_TIMEOUT)
+    return replies, log.events
+
+
+def test_set_protocol_switches_every_callback_as_asyncio():
+    fss()
+    results = {backend: switch_run(backend) for backend in ("asyncio", "fast")}
+    assert results["fast"] == results["asyncio"]
+    replies, events = results["asyncio"]
+    assert replies == [b"A:one", b"switched", b"B:two", b"B:three", b"switched", b"C:four"]
+    assert events[-2:] == [("C", "eof_received"), ("C", "connection_lost", None)]
+
+
+def test_set_protocol_resume_writing_goes_to_the_new_protocol():
+    """A writes more than the socket takes (pause_writing: A's), then switches to C:
+    once the peer reads, resume_writing is C's (which closes), and so is
+    connection_lost."""
+    fss()
+    total = 16 << 20
+    results = {}
+    for backend in ("asyncio", "fast"):
+        log, kinds = switch_protocols()
+
+        class Writer(kinds["A"]):
+            def data_received(self, data):
+                self.log.add(self.name, "data")
+                self.transport.write(b"x" * total)
+                self.transport.set_protocol(kinds["C"](self.transport))
+
+        with running(backend, Writer) as r:
+            with r.connect() as c:
+                c.sendall(b"go")
+                assert wait_until(lambda: ("A", "pause_writing") in log.events)
+                assert len(recv_until_eof(c)) == total
+            assert log.lost.wait(ROUND_TIMEOUT)
+        results[backend] = log.events
+    assert results["fast"] == results["asyncio"]
+    assert results["asyncio"] == [
+        ("A", "connection_made"), ("A", "data"), ("A", "pause_writing"),
+        ("C", "resume_writing"), ("C", "connection_lost", None),
+    ]
