@@ -1458,11 +1458,13 @@ fn close_conn(
 
 impl Drop for EventLoop {
     /// A loop dropped without `close()` (its server collected without `server_close()`)
-    /// still closes the descriptors it owns (connections, the poller, the waker); no
-    /// connection's callback runs. The datagram endpoint ends: its transport is marked
-    /// dead and its protocol gets `connection_lost(None)` (once: not if it got it
-    /// already); an exception from it goes to `sys.unraisablehook` (no server is left
-    /// to report to). In a forked child the endpoint is the parent's: no callback.
+    /// ends as `close()` ends it: it closes the descriptors it owns (connections, the
+    /// poller, the waker), and every protocol not yet told gets `connection_lost(None)`
+    /// once: each connection's (also one closed in a round whose callbacks did not all
+    /// run) and the datagram endpoint's, whose transport is marked dead. An exception
+    /// from a callback goes to `sys.unraisablehook` (no server is left to report to).
+    /// In a forked child the connections and the endpoint are the parent's: no
+    /// callback.
     ///
     /// Drop runs in the object's deallocation, with the GIL held. The owners are moved
     /// out first and closed with the GIL released (`Python::attach` only gets the token
@@ -1488,15 +1490,27 @@ impl Drop for EventLoop {
                 drop(poll);
                 drop(waker);
             });
-            let Some(ep) = datagram else {
-                return;
-            };
-            if let Some(protocol) = ep.protocol.as_ref().filter(|_| !stale) {
+            let lost = |protocol: &Py<PyAny>| {
                 if let Err(err) =
                     catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),)))
                 {
                     err.write_unraisable(py, Some(protocol.bind(py)));
                 }
+            };
+            for mut conn in std::mem::take(conns).into_iter().flatten() {
+                // (the current protocol: it may have been switched)
+                let _ = conn.refresh(py);
+                if let Some(protocol) = conn.protocol.as_ref().filter(|_| !stale) {
+                    lost(protocol);
+                }
+                conn.transport.get().core.release(py);
+            }
+            let Some(mut ep) = datagram else {
+                return;
+            };
+            ep.refresh(py);
+            if let Some(protocol) = ep.protocol.as_ref().filter(|_| !stale) {
+                lost(protocol);
             }
             ep.transport.get().core.release(py);
         });
@@ -1671,13 +1685,16 @@ impl EventLoop {
         };
         // Every protocol not yet told (including connections closed in a round whose
         // callbacks did not all run) gets its connection_lost now.
-        for conn in conns.into_iter().flatten() {
+        for mut conn in conns.into_iter().flatten() {
+            // (the current protocol: it may have been switched)
+            let _ = conn.refresh(py);
             if let Some(protocol) = conn.protocol.as_ref() {
                 lost(protocol);
             }
             conn.transport.get().core.release(py);
         }
-        if let Some(ep) = datagram {
+        if let Some(mut ep) = datagram {
+            ep.refresh(py);
             if let Some(protocol) = ep.protocol.as_ref() {
                 lost(protocol);
             }

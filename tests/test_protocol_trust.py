@@ -1099,6 +1099,75 @@ def test_fast_loop_end_ends_the_datagram_transport(how):
     assert rec.names().count("connection_lost") == 1, rec.names()
 
 
+class SwitchToQ:
+    """Echoes; on b"switch" first hands the transport to a new ``Q`` protocol."""
+
+    Q: type
+
+    def data_received(self, data):
+        super().data_received(data)
+        if data == b"switch":
+            new = self.Q()
+            new.transport = new.rec.transport = self.transport
+            self.transport.set_protocol(new)
+        self.transport.write(data)
+
+
+@pytest.mark.parametrize("how", ["server_close", "dropped"])
+def test_fast_loop_end_ends_the_stream_connections(how):
+    """server_close(), or the server collected without it: every open connection's
+    protocol (the current one, after set_protocol()) gets connection_lost(None) once,
+    its transport is dead, the peer sees the end, and no descriptor is left."""
+    mod = fss()
+    Q = make_protocol(Echo)
+    P = make_protocol(SwitchToQ)
+    P.Q = Q
+    gc.collect()
+    fd0 = settled_fd_count()
+    holder = {"server": mod.TCPServer(("127.0.0.1", 0), P)}
+    address = holder["server"].server_address
+    t = threading.Thread(target=holder["server"].serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    clients = []
+    try:
+        for msg in (b"one", b"two", b"switch"):
+            c = socket.create_connection(address, timeout=CLIENT_TIMEOUT)
+            clients.append(c)
+            c.sendall(msg)
+            assert recv_exactly(c, len(msg)) == msg
+        clients[2].sendall(b"more")
+        assert recv_exactly(clients[2], 4) == b"more"
+    finally:
+        holder["server"].shutdown()
+        t.join(ROUND_TIMEOUT)
+    try:
+        assert not t.is_alive()
+        recs = P.log.snapshot() + Q.log.snapshot()
+        assert len(recs) == 4
+        assert all(r.names().count("connection_lost") == 0 for r in recs)
+        if how == "server_close":
+            holder["server"].server_close()
+        else:
+            with pytest.warns(ResourceWarning):  # the server's socket, as the stdlib's
+                holder.clear()
+                gc.collect()
+        told = [r.names().count("connection_lost") for r in recs]
+        # P's third protocol handed its connection to Q's: Q's is told, not it
+        assert told == [1, 1, 0, 1], [r.names() for r in recs]
+        assert all(r.lost_exc is None for r in recs)
+        assert all(r.transport.is_closing() for r in recs)
+        for c in clients:
+            assert recv_until_eof(c) == b""
+    finally:
+        for c in clients:
+            c.close()
+    del c, clients, t
+    gc.collect()
+    assert [r.names().count("connection_lost") for r in recs] == [1, 1, 0, 1]
+    assert wait_until(lambda: settled_fd_count() <= fd0, ROUND_TIMEOUT), \
+        f"{settled_fd_count() - fd0} descriptor(s) left"
+
+
 class ForkInCallback:
     """On b"fork": os.fork(). The parent answers b"forked"; the child ends its copy of
     the loop (``child_end``: server_close() in the callback, or it leaves the loop
