@@ -67,6 +67,30 @@ const INET_DATAGRAM_MAX: usize = 64 * 1024;
 const ALREADY_RUNNING: &str = "This event loop is already running";
 /// How long to wait before retrying `accept` after running out of descriptors.
 const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
+/// What `run_once()` raises on a loop another process made (a forked child's copy).
+const FORKED: &str = "this event loop belongs to the process that made it; a forked \
+                      child serves on a loop of its own (the server makes one)";
+
+/// How many `fork()`s the process is away from the one it started as: a handler that
+/// `pthread_atfork` runs in each child adds one. A loop compares it with the count at
+/// its making, one atomic load, where checking the process id would be a system call
+/// (between the callbacks of a round).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The fork count, with its handler registered (once).
+fn fork_count() -> u64 {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: the handler only adds to an atomic (async-signal-safe), and this
+        // library is never unloaded (CPython keeps extension modules loaded).
+        unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+    });
+    FORKS.load(Ordering::Relaxed)
+}
 
 /// Why a connection ended, for `connection_lost`.
 enum Lost {
@@ -367,6 +391,9 @@ pub struct EventLoop {
     /// shares the parent's epoll instance and eventfd: there the loop never touches
     /// them (see `stale`).
     pid: libc::pid_t,
+    /// [`FORKS`] when the loop was made: a fork in a callback is noticed before the
+    /// next callback of the round (see [`EventLoop::forked`]).
+    forks: u64,
 }
 
 fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
@@ -398,6 +425,12 @@ impl EventLoop {
     /// handler run while it waits).
     fn running_here(&self) -> bool {
         CURRENT_LOOP.with(|c| c.get()) == Arc::as_ptr(&self.shared) as usize
+    }
+
+    /// `stale` without a system call: this process was forked since the loop was made
+    /// (by `fork()`, which runs the `pthread_atfork` handlers).
+    fn forked(&self) -> bool {
+        FORKS.load(Ordering::Relaxed) != self.forks
     }
 
     // ---- phase 1: I/O, detached ----------------------------------------------------
@@ -862,7 +895,15 @@ impl EventLoop {
     }
 
     fn dispatch_all(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
-        while let Some(event) = st.pending.pop_front() {
+        loop {
+            if self.forked() {
+                // A callback forked and this is the child, back from it: the rest of
+                // the round's events are the parent's to handle, not this copy's.
+                return Ok(());
+            }
+            let Some(event) = st.pending.pop_front() else {
+                return Ok(());
+            };
             match event {
                 Event::Accepted(token, fd, peer, local) => {
                     self.on_accepted(py, st, token, fd, &peer, &local)?
@@ -948,7 +989,6 @@ impl EventLoop {
                 }
             }
         }
-        Ok(())
     }
 
     /// Before a flow-control or datagram callback: follow `set_protocol()` (see
@@ -1585,11 +1625,15 @@ impl EventLoop {
             open: AtomicUsize::new(0),
             // SAFETY: getpid has no preconditions.
             pid: unsafe { libc::getpid() },
+            forks: fork_count(),
         })
     }
 
     /// One round: send queued output, wait up to `timeout` (None: forever) for
     /// events, run the callbacks. True if anything happened, False on timeout or wake.
+    ///
+    /// `RuntimeError` in a forked child: the poller is the parent's (the server's
+    /// `handle_request()` makes a fresh loop there instead).
     #[pyo3(signature = (timeout = None))]
     fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let seen = self.stop_wakes.load(Ordering::Acquire);
@@ -1597,6 +1641,12 @@ impl EventLoop {
     }
 
     /// The `serve_forever()` loop (see [`crate::serve`]), one `run_once` per round.
+    ///
+    /// In a forked child (a callback called `os.fork()` and the child came back from
+    /// it) the loop ends after that round, as if `shutdown()` had been called: the
+    /// child's `serve_forever()` returns. The poller is the parent's; a child that
+    /// goes on polling it would take the parent's events. Serving again in the child
+    /// makes a fresh loop there (the server replaces a `stale` one).
     #[pyo3(signature = (server, poll_interval, service_actions = None))]
     fn serve(
         &self,
@@ -1606,8 +1656,14 @@ impl EventLoop {
         service_actions: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         crate::serve::serve_forever(server, service_actions, &self.stop_wakes, |stop, seen| {
+            if self.stale() {
+                return Ok(true);
+            }
             self.round(py, poll_interval, seen)?;
-            Ok(self.closing.load(Ordering::Acquire) || stop.is_set()?)
+            Ok(self.closing.load(Ordering::Acquire)
+                || self.forked()
+                || self.stale()
+                || stop.is_set()?)
         })
     }
 
@@ -1743,6 +1799,9 @@ impl EventLoop {
             // serve_forever() from data_received, say): the round holds the loop, so
             // waiting for it would never end. asyncio refuses the same way.
             return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
+        }
+        if self.stale() {
+            return Err(PyRuntimeError::new_err(FORKED));
         }
         let deadline = syscall::deadline_after(timeout)?;
         let mut guard = lock(py, &self.state);

@@ -1276,6 +1276,114 @@ def test_fast_forked_child_leaves_the_parents_poller_alone(child_end):
     assert not t.is_alive()
 
 
+class ForkAndReturn:
+    """On b"fork": os.fork(); the parent answers b"forked", the child just returns
+    from the callback (closing nothing). Anything else is answered with the pid of
+    the process that handled it."""
+
+    holder: dict
+
+    def data_received(self, data):
+        super().data_received(data)
+        if data == b"fork":
+            pid = os.fork()
+            if pid:
+                self.holder["children"].append(pid)
+                self.transport.write(b"forked")
+            return
+        self.transport.write(b"%08d:" % os.getpid() + data)
+
+
+def test_fast_forked_child_that_returns_stops_serving_and_leaves_the_parent_its_events():
+    """A child forked in a callback that comes back from it without closing anything:
+    its serve_forever() returns (the loop is the parent's, so it polls it no more),
+    run_once() on that loop raises RuntimeError, and serving again there makes a
+    fresh loop. Meanwhile the parent gets every event: every message on the old
+    connections and a new one is answered by the parent."""
+    mod = fss()
+    P = make_protocol(ForkAndReturn)
+    holder = {"children": []}
+    P.holder = holder
+    server = mod.TCPServer(("127.0.0.1", 0), P)
+    address = server.server_address
+    parent = os.getpid()
+    go_r, go_w = os.pipe()
+
+    def serve():
+        try:
+            server.serve_forever(0.05)
+            how = 0
+        except BaseException:
+            how = 1
+        if os.getpid() == parent:
+            return
+        # the child: exit code = 0 if all went as it should, else bits saying what not
+        code = how
+        try:
+            old = server._BaseServer__reactor
+            if not old.stale:
+                code |= 2
+            try:
+                old.run_once(0)
+            except RuntimeError:
+                pass
+            else:
+                code |= 4
+            # wait (bounded) until the parent has exchanged its messages
+            import select
+            select.select([go_r], [], [], 20)
+            server.timeout = 0.01
+            server.handle_request()  # serving again: a loop of the child's own
+            fresh = server._BaseServer__reactor
+            if fresh is old or fresh.stale:
+                code |= 8
+            server.server_close()
+        except BaseException:
+            code |= 16
+        os._exit(code)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    me = b"%08d:" % parent
+    child = None
+    try:
+        with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as a, \
+                socket.create_connection(address, timeout=CLIENT_TIMEOUT) as b:
+            a.sendall(b"one")
+            assert recv_exactly(a, 12) == me + b"one"
+            b.sendall(b"fork")
+            assert recv_exactly(b, 6) == b"forked"
+            child = holder["children"][0]
+            # the child lives (waiting on the pipe) while the parent serves
+            for i in range(30):
+                for s in (a, b):
+                    msg = b"m%03d" % i
+                    s.sendall(msg)
+                    assert recv_exactly(s, 13) == me + msg
+            with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as c:
+                c.sendall(b"new")
+                assert recv_exactly(c, 12) == me + b"new"
+            assert os.waitpid(child, os.WNOHANG) == (0, 0), "the child is gone early"
+        os.write(go_w, b"x")
+        code = _wait_child(child)
+        child = None
+        assert code == 0, f"the child's checks failed (bits {code:#x})"
+        # the parent's own record has every message
+        datas = [bytes(r.data) for r in P.log.snapshot()]
+        assert datas[:2] == [b"one" + b"".join(b"m%03d" % i for i in range(30)),
+                             b"fork" + b"".join(b"m%03d" % i for i in range(30))]
+    finally:
+        if child is not None:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+        os.close(go_r)
+        os.close(go_w)
+        server.shutdown()
+        t.join(ROUND_TIMEOUT)
+        server.server_close()
+    assert not t.is_alive()
+
+
 # ---------------------------------------------------------------------------
 # 10. transport.set_protocol(): every later callback goes to the new protocol
 # ---------------------------------------------------------------------------
