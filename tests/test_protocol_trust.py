@@ -1526,3 +1526,54 @@ def test_set_protocol_resume_writing_goes_to_the_new_protocol():
         ("A", "connection_made"), ("A", "data"), ("A", "pause_writing"),
         ("C", "resume_writing"), ("C", "connection_lost", None),
     ]
+
+
+class DgramSwitch:
+    """Datagram protocol: answers with its name; on b"switch" hands the transport to
+    a new protocol named B; on b"close" closes the transport."""
+
+    name = "A"
+    log: SwitchLog
+
+    def __init__(self, transport=None):
+        self.transport = transport
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.log.add(self.name, "connection_made")
+
+    def datagram_received(self, data, addr):
+        self.log.add(self.name, "datagram", data)
+        if data == b"switch":
+            new = type(self)(self.transport)
+            new.name = "B"
+            self.transport.set_protocol(new)
+        self.transport.sendto(self.name.encode() + b":" + data, addr)
+        if data == b"close":
+            self.transport.close()
+
+    def error_received(self, exc):
+        self.log.add(self.name, "error_received")
+
+    def connection_lost(self, exc):
+        self.log.add(self.name, "connection_lost", tp.exc_name(exc))
+        self.log.lost.set()
+
+
+def test_datagram_set_protocol_switches_callbacks_as_asyncio():
+    fss()
+    results = {}
+    for backend in ("asyncio", "fast"):
+        log = SwitchLog()
+        P = type("DgramSwitchP", (DgramSwitch, asyncio.DatagramProtocol), {"log": log})
+        replies = []
+        with running(backend, P, kind="udp") as r:
+            with r.dgram_client() as c:
+                for msg in (b"one", b"switch", b"two", b"close"):
+                    c.sendto(msg, r.address)
+                    replies.append(c.recvfrom(100)[0])
+            assert log.lost.wait(ROUND_TIMEOUT)
+        results[backend] = (replies, log.events)
+    assert results["fast"] == results["asyncio"]
+    assert results["asyncio"][0] == [b"A:one", b"A:switch", b"B:two", b"B:close"]
+    assert results["asyncio"][1][-1] == ("B", "connection_lost", None)
