@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.trsock
+import decimal
+import fractions
 import gc
 import os
 import socket
@@ -571,7 +573,8 @@ def run_flow_writer(backend, P, **kwargs):
     return stalled, rec, r
 
 
-@pytest.mark.parametrize("limits", [None, {"high": 256 * 1024}, {"high": 4096, "low": 0}])
+@pytest.mark.parametrize("limits", [None, {"high": 256 * 1024}, {"high": 4096, "low": 0},
+                                    {"high": 4096.5, "low": 100.25}])
 def test_pause_writing_called_as_often_as_asyncio(limits):
     """The same writer on both backends: while the peer reads nothing, exactly one
     pause_writing and no resume_writing (the kernel's buffers fill first, then the
@@ -707,6 +710,74 @@ def test_write_buffer_limit_arguments_as_asyncio(backend):
         "size": 0,
         "default": (16 * 1024, 64 * 1024),
     }
+
+
+class NumericLimitArgs:
+    """set_write_buffer_limits() with floats and other numbers, None and bad types:
+    records, for each call, what get_write_buffer_limits() then returns (with the
+    types) or the exception (type and message)."""
+
+    CASES = [
+        ("high float", dict(high=1000.5)),
+        ("low float", dict(low=10.5)),
+        ("both float", dict(high=100.0, low=25.0)),
+        ("float high, int low", dict(high=7.5, low=7)),
+        ("int high, float low", dict(high=8, low=7.5)),
+        ("low float above high", dict(high=10, low=10.5)),
+        ("negative float", dict(high=-0.5)),
+        ("inf", dict(high=float("inf"))),
+        ("inf both", dict(high=float("inf"), low=float("inf"))),
+        ("nan", dict(high=float("nan"))),
+        ("nan low", dict(high=10, low=float("nan"))),
+        ("None None", dict(high=None, low=None)),
+        ("True", dict(high=True)),
+        ("Fraction", dict(high=fractions.Fraction(9, 2))),
+        ("Decimal", dict(high=decimal.Decimal("10.5"))),
+        ("huge int", dict(high=2 ** 80)),
+        ("str high", dict(high="x")),
+        ("str low", dict(low="x")),
+        ("bytes", dict(high=b"", low=b"")),
+        ("lists, low above", dict(high=[0], low=[1])),
+        ("lists", dict(high=[1], low=[0])),
+        ("object", dict(high=object())),
+        ("positional", (200.0, 50.0)),
+    ]
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        c = self.rec.checks
+        for name, args in self.CASES:
+            try:
+                if isinstance(args, tuple):
+                    transport.set_write_buffer_limits(*args)
+                else:
+                    transport.set_write_buffer_limits(**args)
+            except Exception as exc:
+                c[name] = (type(exc).__name__, str(exc))
+            else:
+                c[name] = [(type(v).__name__, repr(v)) for v in transport.get_write_buffer_limits()]
+        transport.set_write_buffer_limits()
+        transport.write(b"ok")
+        transport.close()
+
+
+def test_write_buffer_limits_floats_and_bad_types_as_asyncio():
+    """asyncio computes the limits with Python's operators: floats (and other numbers)
+    are kept as given, inf // 4 is nan (refused), and a bad type raises whatever its
+    operators raise. Both backends record the same for every call."""
+    fss()
+    results = {}
+    for backend in ("asyncio", "fast"):
+        P = make_protocol(NumericLimitArgs)
+        with running(backend, P) as r:
+            with r.connect() as c:
+                assert recv_until_eof(c) == b"ok"
+            wait_lost(P.log)
+        results[backend] = tp.only_conn(P.log).checks
+    assert results["fast"] == results["asyncio"]
+    # and what the comparison is about, so that it cannot pass vacuously
+    assert results["asyncio"]["high float"] == [("float", "250.0"), ("float", "1000.5")]
+    assert results["asyncio"]["inf"][0] == "ValueError"
 
 
 # ---------------------------------------------------------------------------
@@ -1028,6 +1099,75 @@ def test_fast_loop_end_ends_the_datagram_transport(how):
     assert rec.names().count("connection_lost") == 1, rec.names()
 
 
+class SwitchToQ:
+    """Echoes; on b"switch" first hands the transport to a new ``Q`` protocol."""
+
+    Q: type
+
+    def data_received(self, data):
+        super().data_received(data)
+        if data == b"switch":
+            new = self.Q()
+            new.transport = new.rec.transport = self.transport
+            self.transport.set_protocol(new)
+        self.transport.write(data)
+
+
+@pytest.mark.parametrize("how", ["server_close", "dropped"])
+def test_fast_loop_end_ends_the_stream_connections(how):
+    """server_close(), or the server collected without it: every open connection's
+    protocol (the current one, after set_protocol()) gets connection_lost(None) once,
+    its transport is dead, the peer sees the end, and no descriptor is left."""
+    mod = fss()
+    Q = make_protocol(Echo)
+    P = make_protocol(SwitchToQ)
+    P.Q = Q
+    gc.collect()
+    fd0 = settled_fd_count()
+    holder = {"server": mod.TCPServer(("127.0.0.1", 0), P)}
+    address = holder["server"].server_address
+    t = threading.Thread(target=holder["server"].serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    clients = []
+    try:
+        for msg in (b"one", b"two", b"switch"):
+            c = socket.create_connection(address, timeout=CLIENT_TIMEOUT)
+            clients.append(c)
+            c.sendall(msg)
+            assert recv_exactly(c, len(msg)) == msg
+        clients[2].sendall(b"more")
+        assert recv_exactly(clients[2], 4) == b"more"
+    finally:
+        holder["server"].shutdown()
+        t.join(ROUND_TIMEOUT)
+    try:
+        assert not t.is_alive()
+        recs = P.log.snapshot() + Q.log.snapshot()
+        assert len(recs) == 4
+        assert all(r.names().count("connection_lost") == 0 for r in recs)
+        if how == "server_close":
+            holder["server"].server_close()
+        else:
+            with pytest.warns(ResourceWarning):  # the server's socket, as the stdlib's
+                holder.clear()
+                gc.collect()
+        told = [r.names().count("connection_lost") for r in recs]
+        # P's third protocol handed its connection to Q's: Q's is told, not it
+        assert told == [1, 1, 0, 1], [r.names() for r in recs]
+        assert all(r.lost_exc is None for r in recs)
+        assert all(r.transport.is_closing() for r in recs)
+        for c in clients:
+            assert recv_until_eof(c) == b""
+    finally:
+        for c in clients:
+            c.close()
+    del c, clients, t
+    gc.collect()
+    assert [r.names().count("connection_lost") for r in recs] == [1, 1, 0, 1]
+    assert wait_until(lambda: settled_fd_count() <= fd0, ROUND_TIMEOUT), \
+        f"{settled_fd_count() - fd0} descriptor(s) left"
+
+
 class ForkInCallback:
     """On b"fork": os.fork(). The parent answers b"forked"; the child ends its copy of
     the loop (``child_end``: server_close() in the callback, or it leaves the loop
@@ -1134,3 +1274,306 @@ def test_fast_forked_child_leaves_the_parents_poller_alone(child_end):
         t.join(ROUND_TIMEOUT)
         holder["server"].server_close()
     assert not t.is_alive()
+
+
+class ForkAndReturn:
+    """On b"fork": os.fork(); the parent answers b"forked", the child just returns
+    from the callback (closing nothing). Anything else is answered with the pid of
+    the process that handled it."""
+
+    holder: dict
+
+    def data_received(self, data):
+        super().data_received(data)
+        if data == b"fork":
+            pid = os.fork()
+            if pid:
+                self.holder["children"].append(pid)
+                self.transport.write(b"forked")
+            return
+        self.transport.write(b"%08d:" % os.getpid() + data)
+
+
+def test_fast_forked_child_that_returns_stops_serving_and_leaves_the_parent_its_events():
+    """A child forked in a callback that comes back from it without closing anything:
+    its serve_forever() returns (the loop is the parent's, so it polls it no more),
+    run_once() on that loop raises RuntimeError, and serving again there makes a
+    fresh loop. Meanwhile the parent gets every event: every message on the old
+    connections and a new one is answered by the parent."""
+    mod = fss()
+    P = make_protocol(ForkAndReturn)
+    holder = {"children": []}
+    P.holder = holder
+    server = mod.TCPServer(("127.0.0.1", 0), P)
+    address = server.server_address
+    parent = os.getpid()
+    go_r, go_w = os.pipe()
+
+    def serve():
+        try:
+            server.serve_forever(0.05)
+            how = 0
+        except BaseException:
+            how = 1
+        if os.getpid() == parent:
+            return
+        # the child: exit code = 0 if all went as it should, else bits saying what not
+        code = how
+        try:
+            old = server._BaseServer__reactor
+            if not old.stale:
+                code |= 2
+            try:
+                old.run_once(0)
+            except RuntimeError:
+                pass
+            else:
+                code |= 4
+            # wait (bounded) until the parent has exchanged its messages
+            import select
+            select.select([go_r], [], [], 20)
+            server.timeout = 0.01
+            server.handle_request()  # serving again: a loop of the child's own
+            fresh = server._BaseServer__reactor
+            if fresh is old or fresh.stale:
+                code |= 8
+            server.server_close()
+        except BaseException:
+            code |= 16
+        os._exit(code)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    me = b"%08d:" % parent
+    child = None
+    try:
+        with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as a, \
+                socket.create_connection(address, timeout=CLIENT_TIMEOUT) as b:
+            a.sendall(b"one")
+            assert recv_exactly(a, 12) == me + b"one"
+            b.sendall(b"fork")
+            assert recv_exactly(b, 6) == b"forked"
+            child = holder["children"][0]
+            # the child lives (waiting on the pipe) while the parent serves
+            for i in range(30):
+                for s in (a, b):
+                    msg = b"m%03d" % i
+                    s.sendall(msg)
+                    assert recv_exactly(s, 13) == me + msg
+            with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as c:
+                c.sendall(b"new")
+                assert recv_exactly(c, 12) == me + b"new"
+            assert os.waitpid(child, os.WNOHANG) == (0, 0), "the child is gone early"
+        os.write(go_w, b"x")
+        code = _wait_child(child)
+        child = None
+        assert code == 0, f"the child's checks failed (bits {code:#x})"
+        # the parent's own record has every message
+        datas = [bytes(r.data) for r in P.log.snapshot()]
+        assert datas[:2] == [b"one" + b"".join(b"m%03d" % i for i in range(30)),
+                             b"fork" + b"".join(b"m%03d" % i for i in range(30))]
+    finally:
+        if child is not None:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+        os.close(go_r)
+        os.close(go_w)
+        server.shutdown()
+        t.join(ROUND_TIMEOUT)
+        server.server_close()
+    assert not t.is_alive()
+
+
+# ---------------------------------------------------------------------------
+# 10. transport.set_protocol(): every later callback goes to the new protocol
+# ---------------------------------------------------------------------------
+
+class SwitchLog:
+    """The callbacks of the protocols of one connection, in order, each named
+    ``"<protocol>.<callback>"``; get_buffer + buffer_updated pairs are "data"."""
+
+    def __init__(self):
+        self.events = []
+        self.lost = threading.Event()
+
+    def add(self, who, what, *args):
+        self.events.append((who, what) + args)
+
+    def snapshot(self):
+        # (the asyncio runner's close-all: these tests end every connection first)
+        return []
+
+
+class SwitchBase:
+    """Echoes with its name as prefix; on b"switch:<name>" hands the transport to a
+    new protocol of that name (without connection_made, as asyncio)."""
+
+    name = "?"
+    log: SwitchLog
+    kinds: dict  # name -> class
+
+    def __init__(self, transport=None):
+        self.transport = transport
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.log.add(self.name, "connection_made")
+
+    def on_data(self, data):
+        if data.startswith(b"switch:"):
+            new = self.kinds[data[7:].decode()](self.transport)
+            self.transport.set_protocol(new)
+            self.log.add(self.name, "switched", self.transport.get_protocol() is new)
+            self.transport.write(b"switched")
+        else:
+            self.transport.write(self.name.encode() + b":" + data)
+
+    def eof_received(self):
+        self.log.add(self.name, "eof_received")
+
+    def connection_lost(self, exc):
+        self.log.add(self.name, "connection_lost", tp.exc_name(exc))
+        self.log.lost.set()
+
+    def pause_writing(self):
+        self.log.add(self.name, "pause_writing")
+
+    def resume_writing(self):
+        self.log.add(self.name, "resume_writing")
+        self.transport.close()
+
+
+class SwitchPlain(SwitchBase, asyncio.Protocol):
+    def data_received(self, data):
+        self.log.add(self.name, "data")
+        self.on_data(data)
+
+
+class SwitchBuffered(SwitchBase, asyncio.BufferedProtocol):
+    def __init__(self, transport=None):
+        super().__init__(transport)
+        self.buf = bytearray(1 << 16)
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.log.add(self.name, "data")
+        self.on_data(bytes(self.buf[:nbytes]))
+
+
+def switch_protocols():
+    """Protocols A (plain), B (buffered), C (plain) sharing one fresh SwitchLog."""
+    log = SwitchLog()
+    kinds = {}
+    for name, base in [("A", SwitchPlain), ("B", SwitchBuffered), ("C", SwitchPlain)]:
+        kinds[name] = type(f"Switch{name}", (base,), {"name": name, "log": log, "kinds": kinds})
+    return log, kinds
+
+
+def switch_run(backend):
+    """A -> B (BufferedProtocol) -> C: each message is answered by the protocol set
+    last; the end of stream and connection_lost go to C. Returns (replies, events)."""
+    log, kinds = switch_protocols()
+    replies = []
+    with running(backend, kinds["A"]) as r:
+        with r.connect() as c:
+            for msg in [b"one", b"switch:B", b"two", b"three", b"switch:C", b"four"]:
+                c.sendall(msg)
+                want = b"switched" if msg.startswith(b"switch:") else 2 + len(msg)
+                want = want if isinstance(want, int) else len(want)
+                replies.append(recv_exactly(c, want))
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        assert log.lost.wait(ROUND_TIMEOUT)
+    return replies, log.events
+
+
+def test_set_protocol_switches_every_callback_as_asyncio():
+    fss()
+    results = {backend: switch_run(backend) for backend in ("asyncio", "fast")}
+    assert results["fast"] == results["asyncio"]
+    replies, events = results["asyncio"]
+    assert replies == [b"A:one", b"switched", b"B:two", b"B:three", b"switched", b"C:four"]
+    assert events[-2:] == [("C", "eof_received"), ("C", "connection_lost", None)]
+
+
+def test_set_protocol_resume_writing_goes_to_the_new_protocol():
+    """A writes more than the socket takes (pause_writing: A's), then switches to C:
+    once the peer reads, resume_writing is C's (which closes), and so is
+    connection_lost."""
+    fss()
+    total = 16 << 20
+    results = {}
+    for backend in ("asyncio", "fast"):
+        log, kinds = switch_protocols()
+
+        class Writer(kinds["A"]):
+            def data_received(self, data):
+                self.log.add(self.name, "data")
+                self.transport.write(b"x" * total)
+                self.transport.set_protocol(kinds["C"](self.transport))
+
+        with running(backend, Writer) as r:
+            with r.connect() as c:
+                c.sendall(b"go")
+                assert wait_until(lambda: ("A", "pause_writing") in log.events)
+                assert len(recv_until_eof(c)) == total
+            assert log.lost.wait(ROUND_TIMEOUT)
+        results[backend] = log.events
+    assert results["fast"] == results["asyncio"]
+    assert results["asyncio"] == [
+        ("A", "connection_made"), ("A", "data"), ("A", "pause_writing"),
+        ("C", "resume_writing"), ("C", "connection_lost", None),
+    ]
+
+
+class DgramSwitch:
+    """Datagram protocol: answers with its name; on b"switch" hands the transport to
+    a new protocol named B; on b"close" closes the transport."""
+
+    name = "A"
+    log: SwitchLog
+
+    def __init__(self, transport=None):
+        self.transport = transport
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.log.add(self.name, "connection_made")
+
+    def datagram_received(self, data, addr):
+        self.log.add(self.name, "datagram", data)
+        if data == b"switch":
+            new = type(self)(self.transport)
+            new.name = "B"
+            self.transport.set_protocol(new)
+        self.transport.sendto(self.name.encode() + b":" + data, addr)
+        if data == b"close":
+            self.transport.close()
+
+    def error_received(self, exc):
+        self.log.add(self.name, "error_received")
+
+    def connection_lost(self, exc):
+        self.log.add(self.name, "connection_lost", tp.exc_name(exc))
+        self.log.lost.set()
+
+
+def test_datagram_set_protocol_switches_callbacks_as_asyncio():
+    fss()
+    results = {}
+    for backend in ("asyncio", "fast"):
+        log = SwitchLog()
+        P = type("DgramSwitchP", (DgramSwitch, asyncio.DatagramProtocol), {"log": log})
+        replies = []
+        with running(backend, P, kind="udp") as r:
+            with r.dgram_client() as c:
+                for msg in (b"one", b"switch", b"two", b"close"):
+                    c.sendto(msg, r.address)
+                    replies.append(c.recvfrom(100)[0])
+            assert log.lost.wait(ROUND_TIMEOUT)
+        results[backend] = (replies, log.events)
+    assert results["fast"] == results["asyncio"]
+    assert results["asyncio"][0] == [b"A:one", b"A:switch", b"B:two", b"B:close"]
+    assert results["asyncio"][1][-1] == ("B", "connection_lost", None)

@@ -67,6 +67,30 @@ const INET_DATAGRAM_MAX: usize = 64 * 1024;
 const ALREADY_RUNNING: &str = "This event loop is already running";
 /// How long to wait before retrying `accept` after running out of descriptors.
 const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
+/// What `run_once()` raises on a loop another process made (a forked child's copy).
+const FORKED: &str = "this event loop belongs to the process that made it; a forked \
+                      child serves on a loop of its own (the server makes one)";
+
+/// How many `fork()`s the process is away from the one it started as: a handler that
+/// `pthread_atfork` runs in each child adds one. A loop compares it with the count at
+/// its making, one atomic load, where checking the process id would be a system call
+/// (between the callbacks of a round).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The fork count, with its handler registered (once).
+fn fork_count() -> u64 {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: the handler only adds to an atomic (async-signal-safe), and this
+        // library is never unloaded (CPython keeps extension modules loaded).
+        unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+    });
+    FORKS.load(Ordering::Relaxed)
+}
 
 /// Why a connection ended, for `connection_lost`.
 enum Lost {
@@ -100,6 +124,8 @@ struct Conn {
     protocol: Option<Py<PyAny>>,
     /// Where received data goes; None until the protocol is made.
     sink: Option<Sink>,
+    /// The transport's `protocol_gen` that `protocol` and `sink` were read at.
+    gen: u64,
     addr: Py<PyAny>,
     last_active: Instant,
     writable_interest: bool,
@@ -155,6 +181,20 @@ fn is_buffered(py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<bool> {
     Ok(!protocol.hasattr("data_received")? && protocol.hasattr("get_buffer")?)
 }
 
+/// How `protocol` takes received data.
+fn make_sink(py: Python<'_>, protocol: &Py<PyAny>) -> PyResult<Sink> {
+    Ok(if protocol.bind(py).is_instance_of::<NativeEcho>() {
+        Sink::Native
+    } else if is_buffered(py, protocol.bind(py))? {
+        Sink::Buffered {
+            get_buffer: protocol.getattr(py, "get_buffer")?,
+            buffer_updated: protocol.getattr(py, "buffer_updated")?,
+        }
+    } else {
+        Sink::Bytes(protocol.getattr(py, "data_received")?)
+    })
+}
+
 /// Whether received data may go to the protocol now.
 enum Gate {
     Open,
@@ -178,46 +218,71 @@ impl Conn {
         }
     }
 
-    /// Hand `data` to the protocol.
+    /// After `transport.set_protocol()`: every later callback goes to the new protocol,
+    /// and its data the way it takes it (asyncio switches between `data_received` and
+    /// a `BufferedProtocol`'s buffers too). One atomic load when nothing changed.
+    /// Before the protocol is made there is nothing to switch. An error (the new
+    /// protocol has no `data_received`, say) leaves no sink: nothing more is delivered.
+    fn refresh(&mut self, py: Python<'_>) -> PyResult<()> {
+        let core = &self.transport.get().core;
+        let gen = core.protocol_gen.load(Ordering::Acquire);
+        if gen == self.gen || self.protocol.is_none() {
+            return Ok(());
+        }
+        self.gen = gen;
+        let protocol = lock(py, &core.protocol).clone_ref(py);
+        self.sink = None;
+        self.protocol = Some(protocol.clone_ref(py));
+        self.sink = Some(make_sink(py, &protocol)?);
+        Ok(())
+    }
+
+    /// Hand `data` to the protocol (the transport's current one: a callback may switch
+    /// it between two buffers of a `BufferedProtocol`).
     fn deliver(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        match self.sink.as_ref() {
-            Some(Sink::Native) => transport::write_slice(self.transport.bind(py), data),
-            Some(Sink::Bytes(on_data)) => {
-                let data = PyBytes::new(py, data);
-                catch_panic(|| on_data.call1(py, (data,))).map(drop)
-            }
-            Some(Sink::Buffered {
-                get_buffer,
-                buffer_updated,
-            }) => {
-                let (get_buffer, buffer_updated) =
-                    (get_buffer.clone_ref(py), buffer_updated.clone_ref(py));
-                let mut rest = data;
-                while !rest.is_empty() {
+        let mut rest = data;
+        loop {
+            self.refresh(py)?;
+            let taken = match self.sink.as_ref() {
+                Some(Sink::Native) => {
+                    transport::write_slice(self.transport.bind(py), rest)?;
+                    rest.len()
+                }
+                Some(Sink::Bytes(on_data)) => {
+                    let data = PyBytes::new(py, rest);
+                    catch_panic(|| on_data.call1(py, (data,)))?;
+                    rest.len()
+                }
+                Some(Sink::Buffered {
+                    get_buffer,
+                    buffer_updated,
+                }) => {
+                    let (get_buffer, buffer_updated) =
+                        (get_buffer.clone_ref(py), buffer_updated.clone_ref(py));
                     let view = protocol_buffer(py, &get_buffer)?;
                     let n = view.len().min(rest.len());
                     // SAFETY: the export is writable, contiguous and `view.len()` >= n
                     // bytes long; it stays pinned until `view` is dropped below.
                     unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), view.ptr().get(), n) };
                     drop(view);
-                    rest = &rest[n..];
                     catch_panic(|| buffer_updated.call1(py, (n,)))?;
-                    if rest.is_empty() {
-                        break;
-                    }
-                    // buffer_updated() may have paused reading or closed the transport.
-                    match self.gate(py, false) {
-                        Gate::Open => {}
-                        Gate::Hold => {
-                            self.held.splice(0..0, rest.iter().copied());
-                            break;
-                        }
-                        Gate::Drop => break,
-                    }
+                    n
                 }
-                Ok(())
+                None => return Ok(()),
+            };
+            rest = &rest[taken..];
+            if rest.is_empty() {
+                return Ok(());
             }
-            None => Ok(()),
+            // buffer_updated() may have paused reading or closed the transport.
+            match self.gate(py, false) {
+                Gate::Open => {}
+                Gate::Hold => {
+                    self.held.splice(0..0, rest.iter().copied());
+                    return Ok(());
+                }
+                Gate::Drop => return Ok(()),
+            }
         }
     }
 
@@ -256,12 +321,28 @@ struct DatagramEndpoint {
     protocol: Option<Py<PyAny>>,
     /// The protocol is a `NativeEcho`.
     native: bool,
+    /// The transport's `protocol_gen` that `protocol` and `native` were read at.
+    gen: u64,
     writable_interest: bool,
     /// Ended by the transport's `close()`/`abort()`: out of the poller.
     ended: bool,
 }
 
 impl DatagramEndpoint {
+    /// After `transport.set_protocol()`: the later callbacks go to the new protocol
+    /// (one atomic load when nothing changed; nothing once `connection_lost` ran).
+    fn refresh(&mut self, py: Python<'_>) {
+        let core = &self.transport.get().core;
+        let gen = core.protocol_gen.load(Ordering::Acquire);
+        if gen == self.gen || self.protocol.is_none() {
+            return;
+        }
+        self.gen = gen;
+        let protocol = lock(py, &core.protocol).clone_ref(py);
+        self.native = protocol.bind(py).is_instance_of::<NativeEcho>();
+        self.protocol = Some(protocol);
+    }
+
     /// The protocol, while it is to get datagrams (the transport is not closing).
     fn receiving(&self, py: Python<'_>) -> Option<&Py<PyAny>> {
         let cs = lock(py, &self.chan.state);
@@ -310,6 +391,9 @@ pub struct EventLoop {
     /// shares the parent's epoll instance and eventfd: there the loop never touches
     /// them (see `stale`).
     pid: libc::pid_t,
+    /// [`FORKS`] when the loop was made: a fork in a callback is noticed before the
+    /// next callback of the round (see [`EventLoop::forked`]).
+    forks: u64,
 }
 
 fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
@@ -341,6 +425,12 @@ impl EventLoop {
     /// handler run while it waits).
     fn running_here(&self) -> bool {
         CURRENT_LOOP.with(|c| c.get()) == Arc::as_ptr(&self.shared) as usize
+    }
+
+    /// `stale` without a system call: this process was forked since the loop was made
+    /// (by `fork()`, which runs the `pthread_atfork` handlers).
+    fn forked(&self) -> bool {
+        FORKS.load(Ordering::Relaxed) != self.forks
     }
 
     // ---- phase 1: I/O, detached ----------------------------------------------------
@@ -805,12 +895,27 @@ impl EventLoop {
     }
 
     fn dispatch_all(&self, py: Python<'_>, st: &mut LoopState) -> PyResult<()> {
-        while let Some(event) = st.pending.pop_front() {
+        loop {
+            if self.forked() {
+                // A callback forked and this is the child, back from it: the rest of
+                // the round's events are the parent's to handle, not this copy's.
+                return Ok(());
+            }
+            let Some(event) = st.pending.pop_front() else {
+                return Ok(());
+            };
             match event {
                 Event::Accepted(token, fd, peer, local) => {
                     self.on_accepted(py, st, token, fd, &peer, &local)?
                 }
                 Event::Data(token, start, len) => {
+                    let Some(conn) = conn_mut(&mut st.conns, token) else {
+                        continue;
+                    };
+                    if let Err(err) = conn.refresh(py) {
+                        self.after_callback(py, st, token, Err(err))?;
+                        continue;
+                    }
                     let LoopState { conns, arena, .. } = &mut *st;
                     let Some(conn) = conn_mut(conns, token) else {
                         continue;
@@ -833,6 +938,7 @@ impl EventLoop {
                 Event::Eof(token) => self.on_eof(py, st, token, true)?,
                 Event::Held(token) => self.on_held(py, st, token)?,
                 Event::Resume(token) => {
+                    self.refresh(py, st, token);
                     let protocol = if token == LISTENER.0 {
                         st.datagram
                             .as_ref()
@@ -847,6 +953,7 @@ impl EventLoop {
                 }
                 Event::Lost(token, why) => self.on_lost(py, st, token, why)?,
                 Event::Datagram(start, len, addr) => {
+                    self.refresh(py, st, LISTENER.0);
                     let Some(ep) = st.datagram.as_ref() else {
                         continue;
                     };
@@ -868,6 +975,7 @@ impl EventLoop {
                     self.after_callback(py, st, LISTENER.0, result)?;
                 }
                 Event::DatagramError(code) => {
+                    self.refresh(py, st, LISTENER.0);
                     let Some(protocol) = st.datagram.as_ref().and_then(|ep| ep.receiving(py))
                     else {
                         continue;
@@ -881,7 +989,18 @@ impl EventLoop {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Before a flow-control or datagram callback: follow `set_protocol()` (see
+    /// [`Conn::refresh`]; an unusable new sink is reported when data comes, not here).
+    fn refresh(&self, py: Python<'_>, st: &mut LoopState, token: usize) {
+        if token == LISTENER.0 {
+            if let Some(ep) = st.datagram.as_mut() {
+                ep.refresh(py);
+            }
+        } else if let Some(conn) = conn_mut(&mut st.conns, token) {
+            let _ = conn.refresh(py);
+        }
     }
 
     /// The peer's end of stream: `eof_received()`, unless reading is paused (then held
@@ -893,6 +1012,12 @@ impl EventLoop {
         token: usize,
         held_first: bool,
     ) -> PyResult<()> {
+        let Some(conn) = conn_mut(&mut st.conns, token) else {
+            return Ok(());
+        };
+        if let Err(err) = conn.refresh(py) {
+            return self.after_callback(py, st, token, Err(err));
+        }
         let Some(conn) = conn_mut(&mut st.conns, token) else {
             return Ok(());
         };
@@ -970,11 +1095,13 @@ impl EventLoop {
                 TransportCore {
                     chan: chan.clone(),
                     protocol: Mutex::new(py.None()),
+                    protocol_gen: AtomicU64::new(0),
                     peername: addr.clone_ref(py),
                     sockname: address::to_python(py, local)?.unbind(),
                     socket: Mutex::new(None),
                     fd,
                     on_error: self.on_error.clone_ref(py),
+                    limits: Mutex::new(None),
                     family: self.family,
                     kind: self.kind,
                     proto: self.proto,
@@ -1005,6 +1132,7 @@ impl EventLoop {
             transport: transport.clone_ref(py),
             protocol: None,
             sink: None,
+            gen: 0,
             addr: addr.clone_ref(py),
             last_active: Instant::now(),
             writable_interest: false,
@@ -1028,19 +1156,11 @@ impl EventLoop {
         let made = catch_panic(|| -> PyResult<()> {
             let protocol = self.factory.call0(py)?;
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
-            let sink = if protocol.bind(py).is_instance_of::<NativeEcho>() {
-                Sink::Native
-            } else if is_buffered(py, protocol.bind(py))? {
-                Sink::Buffered {
-                    get_buffer: protocol.getattr(py, "get_buffer")?,
-                    buffer_updated: protocol.getattr(py, "buffer_updated")?,
-                }
-            } else {
-                Sink::Bytes(protocol.getattr(py, "data_received")?)
-            };
+            let sink = make_sink(py, &protocol)?;
             if let Some(conn) = conn_mut(&mut st.conns, token) {
                 conn.protocol = Some(protocol.clone_ref(py));
                 conn.sink = Some(sink);
+                conn.gen = transport.get().core.protocol_gen.load(Ordering::Acquire);
             }
             protocol.call_method1(py, "connection_made", (transport.clone_ref(py),))?;
             Ok(())
@@ -1059,6 +1179,9 @@ impl EventLoop {
             return Ok(());
         };
         st.free.push(token);
+        // The current protocol gets connection_lost, even if how it takes data is not
+        // usable (that error was reported when data came).
+        let _ = conn.refresh(py);
         let Some(protocol) = conn.protocol.take() else {
             conn.transport.get().core.release(py);
             return Ok(());
@@ -1092,6 +1215,7 @@ impl EventLoop {
         let Some(ep) = st.datagram.as_mut() else {
             return Ok(());
         };
+        ep.refresh(py);
         let Some(protocol) = ep.protocol.take() else {
             return Ok(());
         };
@@ -1194,11 +1318,13 @@ impl EventLoop {
             TransportCore {
                 chan: chan.clone(),
                 protocol: Mutex::new(protocol.clone_ref(py)),
+                protocol_gen: AtomicU64::new(0),
                 peername: py.None(),
                 sockname: address::to_python(py, &local)?.unbind(),
                 socket: Mutex::new(None),
                 fd: self.fd,
                 on_error: self.on_error.clone_ref(py),
+                limits: Mutex::new(None),
                 family: self.family,
                 kind: self.kind,
                 proto: self.proto,
@@ -1209,6 +1335,7 @@ impl EventLoop {
             transport: transport.clone_ref(py),
             protocol: Some(protocol.clone_ref(py)),
             native: protocol.bind(py).is_instance_of::<NativeEcho>(),
+            gen: 0,
             writable_interest: false,
             ended: false,
         });
@@ -1271,7 +1398,7 @@ fn recv_datagram(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Result<(usize, Raw
 /// paused and the queue is down to the low-water mark.
 fn after_flush(cs: &mut ChanState, pending: &mut VecDeque<Event>, token: usize) -> usize {
     let left = cs.pending();
-    if cs.writing_paused && left <= cs.low {
+    if cs.writing_paused && left as f64 <= cs.low {
         cs.writing_paused = false;
         pending.push_back(Event::Resume(token));
     }
@@ -1371,11 +1498,13 @@ fn close_conn(
 
 impl Drop for EventLoop {
     /// A loop dropped without `close()` (its server collected without `server_close()`)
-    /// still closes the descriptors it owns (connections, the poller, the waker); no
-    /// connection's callback runs. The datagram endpoint ends: its transport is marked
-    /// dead and its protocol gets `connection_lost(None)` (once: not if it got it
-    /// already); an exception from it goes to `sys.unraisablehook` (no server is left
-    /// to report to). In a forked child the endpoint is the parent's: no callback.
+    /// ends as `close()` ends it: it closes the descriptors it owns (connections, the
+    /// poller, the waker), and every protocol not yet told gets `connection_lost(None)`
+    /// once: each connection's (also one closed in a round whose callbacks did not all
+    /// run) and the datagram endpoint's, whose transport is marked dead. An exception
+    /// from a callback goes to `sys.unraisablehook` (no server is left to report to).
+    /// In a forked child the connections and the endpoint are the parent's: no
+    /// callback.
     ///
     /// Drop runs in the object's deallocation, with the GIL held, so it makes no system
     /// call and does not detach (see `crate::sys::closer`): it moves the owners out (marking
@@ -1404,6 +1533,7 @@ impl Drop for EventLoop {
                 Some(sock)
             })
             .collect();
+        let conns = std::mem::take(&mut st.conns);
         let datagram = st.datagram.take();
         if let Some(ep) = datagram.as_ref() {
             end_endpoint(ep);
@@ -1415,17 +1545,32 @@ impl Drop for EventLoop {
             drop(poll);
             drop(waker);
         });
-        let Some(ep) = datagram else {
+        if datagram.is_none() && conns.iter().all(Option::is_none) {
             return;
-        };
+        }
         // Deallocation holds the GIL already: this attach crosses nothing.
         Python::attach(|py| {
-            if let Some(protocol) = ep.protocol.as_ref().filter(|_| !stale) {
+            let lost = |protocol: &Py<PyAny>| {
                 if let Err(err) =
                     catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),)))
                 {
                     err.write_unraisable(py, Some(protocol.bind(py)));
                 }
+            };
+            for mut conn in conns.into_iter().flatten() {
+                // (the current protocol: it may have been switched)
+                let _ = conn.refresh(py);
+                if let Some(protocol) = conn.protocol.as_ref().filter(|_| !stale) {
+                    lost(protocol);
+                }
+                conn.transport.get().core.release(py);
+            }
+            let Some(mut ep) = datagram else {
+                return;
+            };
+            ep.refresh(py);
+            if let Some(protocol) = ep.protocol.as_ref().filter(|_| !stale) {
+                lost(protocol);
             }
             ep.transport.get().core.release(py);
         });
@@ -1500,11 +1645,15 @@ impl EventLoop {
             open: AtomicUsize::new(0),
             // SAFETY: getpid has no preconditions.
             pid: unsafe { libc::getpid() },
+            forks: fork_count(),
         })
     }
 
     /// One round: send queued output, wait up to `timeout` (None: forever) for
     /// events, run the callbacks. True if anything happened, False on timeout or wake.
+    ///
+    /// `RuntimeError` in a forked child: the poller is the parent's (the server's
+    /// `handle_request()` makes a fresh loop there instead).
     #[pyo3(signature = (timeout = None))]
     fn run_once(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let seen = self.stop_wakes.load(Ordering::Acquire);
@@ -1512,6 +1661,12 @@ impl EventLoop {
     }
 
     /// The `serve_forever()` loop (see [`crate::bridge::serve`]), one `run_once` per round.
+    ///
+    /// In a forked child (a callback called `os.fork()` and the child came back from
+    /// it) the loop ends after that round, as if `shutdown()` had been called: the
+    /// child's `serve_forever()` returns. The poller is the parent's; a child that
+    /// goes on polling it would take the parent's events. Serving again in the child
+    /// makes a fresh loop there (the server replaces a `stale` one).
     #[pyo3(signature = (server, poll_interval, service_actions = None))]
     fn serve(
         &self,
@@ -1525,8 +1680,14 @@ impl EventLoop {
             service_actions,
             &self.stop_wakes,
             |stop, seen| {
+                if self.stale() {
+                    return Ok(true);
+                }
                 self.round(py, poll_interval, seen)?;
-                Ok(self.closing.load(Ordering::Acquire) || stop.is_set()?)
+                Ok(self.closing.load(Ordering::Acquire)
+                    || self.forked()
+                    || self.stale()
+                    || stop.is_set()?)
             },
         )
     }
@@ -1605,13 +1766,16 @@ impl EventLoop {
         };
         // Every protocol not yet told (including connections closed in a round whose
         // callbacks did not all run) gets its connection_lost now.
-        for conn in conns.into_iter().flatten() {
+        for mut conn in conns.into_iter().flatten() {
+            // (the current protocol: it may have been switched)
+            let _ = conn.refresh(py);
             if let Some(protocol) = conn.protocol.as_ref() {
                 lost(protocol);
             }
             conn.transport.get().core.release(py);
         }
-        if let Some(ep) = datagram {
+        if let Some(mut ep) = datagram {
+            ep.refresh(py);
             if let Some(protocol) = ep.protocol.as_ref() {
                 lost(protocol);
             }
@@ -1660,6 +1824,9 @@ impl EventLoop {
             // serve_forever() from data_received, say): the round holds the loop, so
             // waiting for it would never end. asyncio refuses the same way.
             return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
+        }
+        if self.stale() {
+            return Err(PyRuntimeError::new_err(FORKED));
         }
         let deadline = crate::bridge::wait::deadline_after(timeout)?;
         let mut guard = lock(py, &self.state);

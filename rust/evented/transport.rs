@@ -22,6 +22,7 @@ use pyo3::PyClass;
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// asyncio's default write buffer limits.
@@ -81,8 +82,9 @@ pub struct ChanState {
     pub read_paused: bool,
     /// `resume_reading()` was called: the loop must try to read (edge-triggered).
     pub read_resumed: bool,
-    pub high: usize,
-    pub low: usize,
+    /// The write buffer limits as numbers to compare with (asyncio's may be floats).
+    pub high: f64,
+    pub low: f64,
     pub writing_paused: bool,
     /// The descriptor is closed; the transport is dead.
     pub closed: bool,
@@ -105,8 +107,8 @@ impl Channel {
         Channel {
             token,
             state: Mutex::new(ChanState {
-                high: DEFAULT_HIGH_WATER,
-                low: DEFAULT_HIGH_WATER / 4,
+                high: DEFAULT_HIGH_WATER as f64,
+                low: (DEFAULT_HIGH_WATER / 4) as f64,
                 ..ChanState::default()
             }),
             shared,
@@ -135,6 +137,9 @@ impl Channel {
 pub struct TransportCore {
     pub chan: Arc<Channel>,
     pub protocol: Mutex<Py<PyAny>>,
+    /// Bumped by each `set_protocol()`: the loop re-reads `protocol` (and how it takes
+    /// data) only when this differs from what it saw last, one atomic load per event.
+    pub protocol_gen: AtomicU64,
     pub peername: Py<PyAny>,
     pub sockname: Py<PyAny>,
     /// `get_extra_info('socket')`, made on first request: a `socket.socket` on a
@@ -149,6 +154,10 @@ pub struct TransportCore {
     /// `on_error(transport, address, exc)`: the server's report of a callback's
     /// exception (its `handle_error`).
     pub on_error: Py<PyAny>,
+    /// The `(low, high)` objects `set_write_buffer_limits()` last computed, returned as
+    /// they are by `get_write_buffer_limits()` (ints stay ints, floats floats); None
+    /// until it is called.
+    pub limits: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
     pub family: i32,
     pub kind: i32,
     pub proto: i32,
@@ -168,7 +177,8 @@ impl TransportCore {
     /// connection stays open; `KeyboardInterrupt`/`SystemExit` propagate.
     fn maybe_pause(&self, transport: &Bound<'_, BaseTransport>) -> PyResult<()> {
         let py = transport.py();
-        let over = |st: &ChanState| !st.writing_paused && !st.closed && st.pending() > st.high;
+        let over =
+            |st: &ChanState| !st.writing_paused && !st.closed && st.pending() as f64 > st.high;
         if !over(&lock(py, &self.chan.state)) {
             return Ok(());
         }
@@ -360,20 +370,43 @@ impl TransportCore {
     }
 }
 
-/// `set_write_buffer_limits()` as asyncio computes it: `high` defaults to 64 KiB (or
-/// 4 * `low`), `low` to `high // 4`, and `high >= low >= 0` must hold.
-fn write_limits(high: Option<i64>, low: Option<i64>) -> PyResult<(usize, usize)> {
-    let high = high.unwrap_or(match low {
-        None => DEFAULT_HIGH_WATER as i64,
-        Some(l) => l.saturating_mul(4),
-    });
-    let low = low.unwrap_or(high.div_euclid(4));
-    if !(high >= low && low >= 0) {
+/// `set_write_buffer_limits()` as asyncio computes it, with Python's own operators (so
+/// ints, floats and other numbers behave, and fail, as there): `high` defaults to 64 KiB
+/// (or `4 * low`), `low` to `high // 4`, and `high >= low >= 0` must hold. Returns the
+/// `(low, high)` objects.
+fn write_limits<'py>(
+    py: Python<'py>,
+    high: Option<Bound<'py, PyAny>>,
+    low: Option<Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let high = match (high, &low) {
+        (Some(high), _) => high,
+        (None, None) => DEFAULT_HIGH_WATER.into_pyobject(py)?.into_any(),
+        (None, Some(low)) => 4i64.into_pyobject(py)?.mul(low)?,
+    };
+    let low = match low {
+        Some(low) => low,
+        None => high.floor_div(4i64)?,
+    };
+    if !(high.ge(&low)? && low.ge(0i64)?) {
         return Err(PyValueError::new_err(format!(
-            "high ({high}) must be >= low ({low}) must be >= 0"
+            "high ({}) must be >= low ({}) must be >= 0",
+            high.repr()?,
+            low.repr()?
         )));
     }
-    Ok((high as usize, low as usize))
+    Ok((low, high))
+}
+
+/// A limit as a number the queue's size is compared with; one too large for a float
+/// (a huge int: it is >= 0 here) is infinite.
+fn limit_value(limit: &Bound<'_, PyAny>) -> PyResult<f64> {
+    match limit.extract::<f64>() {
+        Err(err) if err.is_instance_of::<pyo3::exceptions::PyOverflowError>(limit.py()) => {
+            Ok(f64::INFINITY)
+        }
+        other => other,
+    }
 }
 
 /// What every transport has (`asyncio.BaseTransport` and the write-buffer methods of
@@ -412,23 +445,34 @@ impl BaseTransport {
         lock(py, &core.chan.state).pending()
     }
 
-    fn get_write_buffer_limits(&self, py: Python<'_>) -> (usize, usize) {
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        if let Some((low, high)) = lock(py, &self.core.limits).as_ref() {
+            return Ok((low.clone_ref(py), high.clone_ref(py))
+                .into_pyobject(py)?
+                .into_any()
+                .unbind());
+        }
         let st = lock(py, &self.core.chan.state);
-        (st.low, st.high)
+        let (low, high) = (st.low as usize, st.high as usize);
+        drop(st);
+        Ok((low, high).into_pyobject(py)?.into_any().unbind())
     }
 
     #[pyo3(signature = (high = None, low = None))]
     fn set_write_buffer_limits(
         slf: &Bound<'_, Self>,
-        high: Option<i64>,
-        low: Option<i64>,
+        high: Option<Bound<'_, PyAny>>,
+        low: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let (high, low) = write_limits(high, low)?;
+        let py = slf.py();
+        let (low, high) = write_limits(py, high, low)?;
+        let (low_value, high_value) = (limit_value(&low)?, limit_value(&high)?);
         let core = &slf.get().core;
+        *lock(py, &core.limits) = Some((low.unbind(), high.unbind()));
         {
-            let mut st = lock(slf.py(), &core.chan.state);
-            st.high = high;
-            st.low = low;
+            let mut st = lock(py, &core.chan.state);
+            st.high = high_value;
+            st.low = low_value;
         }
         core.maybe_pause(slf)
     }
@@ -447,8 +491,12 @@ impl BaseTransport {
         lock(py, &self.core.protocol).clone_ref(py)
     }
 
+    /// Every later callback goes to `protocol` (asyncio: also whether data comes
+    /// through `data_received` or a `BufferedProtocol`'s buffers); the loop sees the
+    /// new generation before its next callback for this transport.
     fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>) {
         *lock(py, &self.core.protocol) = protocol;
+        self.core.protocol_gen.fetch_add(1, Ordering::AcqRel);
     }
 }
 
