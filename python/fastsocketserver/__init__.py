@@ -74,9 +74,16 @@ class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
     pass
 
 
+# Extensions, beyond the stdlib's names (so not in __all__, which is socketserver's):
+# pre-forked workers under a supervisor, and systemd's socket activation and sd_notify.
+from ._prefork import PreforkMixIn, WorkerCrashLoop  # noqa: E402
+from ._systemd import listen_fds, server_from_fd  # noqa: E402
+from ._systemd import notify as sd_notify  # noqa: E402
+
 # The public classes present themselves as members of this module, as the stdlib's
 # are members of ``socketserver`` (their definitions live in private submodules).
 for _name in __all__:
     globals()[_name].__module__ = __name__
 _SocketWriter.__module__ = __name__
+PreforkMixIn.__module__ = WorkerCrashLoop.__module__ = __name__
 del _name

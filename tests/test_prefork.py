@@ -1,0 +1,164 @@
+"""PreforkMixIn: worker processes under a supervisor (tests/prefork_probe.py runs it).
+
+Each test starts the supervisor in its own session, bounds every wait, and checks at
+the end that no process of the session is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from supervised import ask, run, session, stat_fields, wait_for
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process model")
+
+KINDS = [
+    pytest.param({"base": "threading", "handler": "line"}, id="threading-blocking"),
+    pytest.param({"base": "tcp", "handler": "protocol"}, id="tcp-protocol"),
+    pytest.param({"base": "threading", "handler": "protocol"}, id="threading-protocol"),
+]
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+# -- 1. workers, respawn, crash loop, orphans, reuse_port ---------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_workers_serve_and_the_supervisor_stays_single_threaded(kind):
+    with run({**kind, "attrs": {"workers": 2}}) as sup:
+        workers = sup.wait_workers(2)
+        # Both workers answer, on the parent's one listening socket.
+        assert len({ask(sup.port) for _ in range(40)} | workers) == 2
+        # The supervisor never ran an engine thread, before or after forking.
+        assert threads_of(sup.pid) == 1
+        for pid in workers:
+            fields = stat_fields(pid)
+            assert fields and int(fields[1]) == sup.pid
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+def test_udp_workers_share_the_socket():
+    with run({"base": "udp", "attrs": {"workers": 2}}) as sup:
+        wait_for(lambda: len(sup.workers()) == 2, message="2 workers")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(10)
+            s.sendto(b"pid", ("127.0.0.1", sup.port))
+            data, _ = s.recvfrom(100)
+        assert int(data) in sup.workers()
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_a_killed_worker_is_replaced_and_the_others_keep_serving(kind):
+    with run({**kind, "attrs": {"workers": 2}}) as sup:
+        workers = sup.wait_workers(2)
+        victim, survivor = sorted(workers)
+        # A request in flight on the survivor is not disturbed.
+        with socket.create_connection(("127.0.0.1", sup.port), timeout=10) as held:
+            held.sendall(b"pid\n")
+            holder = int(held.recv(100))
+            victim = next(iter(workers - {holder}))
+            os.kill(victim, signal.SIGKILL)
+            now = sup.wait_workers(2, exclude={victim})
+            assert holder in now and victim not in now
+            held.sendall(b"pid\n")
+            assert int(held.recv(100)) == holder
+        for _ in range(20):
+            assert ask(sup.port) in now
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+def test_a_crash_loop_stops_the_supervisor_with_a_clear_message():
+    cfg = {"attrs": {"workers": 2, "crash_limit": 3}, "init_exit": 7}
+    with run(cfg) as sup:
+        code = sup.wait()
+        err = sup.stderr()
+        assert code == 3, err
+        assert "3 workers in a row exited within 5 s of starting" in err
+        assert "exited with status 7" in err
+        sup.assert_gone()
+
+
+def test_workers_exit_when_the_supervisor_is_killed():
+    with run({"attrs": {"workers": 2}}) as sup:
+        workers = sup.wait_workers(2)
+        sup.signal(signal.SIGKILL)
+        sup.wait()
+        wait_for(lambda: not (session(sup.pid) & workers), message="orphaned workers to exit")
+        # The port is free again: nothing holds the listening socket.
+        with pytest.raises(ConnectionRefusedError):
+            ask(sup.port)
+
+
+def test_reuse_port_gives_each_worker_its_own_socket():
+    with run({"attrs": {"workers": 2, "reuse_port": True}}) as sup:
+        workers = sup.wait_workers(2)
+        # Every connection is answered: the supervisor's socket holds the address
+        # without listening, so it never takes a share it would not accept.
+        answered = [ask(sup.port, timeout=5) for _ in range(60)]
+        assert set(answered) == workers
+        inodes = set()
+        for pid in workers:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:"):
+                    inodes.add((pid, target))
+        # No two workers share a socket.
+        by_inode = {}
+        for pid, inode in inodes:
+            by_inode.setdefault(inode, set()).add(pid)
+        assert all(len(pids) == 1 for pids in by_inode.values())
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        if open("/proc/sys/net/ipv4/tcp_migrate_req").read().strip() != "1":
+            assert "tcp_migrate_req=1" in sup.stderr()
+        sup.assert_gone()
+
+
+def test_reuse_port_needs_a_tcp_server():
+    import fastsocketserver as fss
+
+    class S(fss.PreforkMixIn, fss.UDPServer):
+        reuse_port = True
+
+    with pytest.raises(ValueError, match="reuse_port"):
+        S(("127.0.0.1", 0), fss.DatagramRequestHandler)
+
+
+def test_fork_is_refused_while_engine_threads_run():
+    import fastsocketserver as fss
+
+    class S(fss.PreforkMixIn, fss.ThreadingTCPServer):
+        workers = 1
+
+    class H(fss.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(b"x")
+
+    with S(("127.0.0.1", 0), H) as server:
+        # Serving a request here starts the pool's threads in this process.
+        t = threading.Thread(target=server.handle_request)
+        t.start()
+        with socket.create_connection(server.server_address, timeout=10) as c:
+            assert c.recv(1) == b"x"
+        t.join(10)
+        if not any(p.threads for p in fss._mixins._live_pools):
+            pytest.skip("the pool's thread already retired")
+        with pytest.raises(RuntimeError, match="engine threads"):
+            server.serve_forever()
