@@ -162,3 +162,149 @@ def test_fork_is_refused_while_engine_threads_run():
             pytest.skip("the pool's thread already retired")
         with pytest.raises(RuntimeError, match="engine threads"):
             server.serve_forever()
+
+
+# -- 2. signals ---------------------------------------------------------------------------
+
+
+def start_request(port: int, line: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(line + b"\n")
+    return sock
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_sigterm_lets_in_flight_requests_finish(kind):
+    with run({**kind, "attrs": {"workers": 2}}) as sup:
+        workers = sup.wait_workers(2)
+        # Both workers busy with a request that outlasts the signal.
+        line = b"sleep 1.5" if kind["base"] == "threading" else b"busy 1.5"
+        pending = [start_request(sup.port, line) for _ in range(2 if kind["base"] == "threading" else 1)]
+        time.sleep(0.3)
+        sup.signal(signal.SIGTERM)
+        for sock in pending:
+            with sock:
+                assert int(read_answer(sock)) in workers
+        assert sup.wait() == 0
+        sup.assert_gone()
+        with pytest.raises(ConnectionRefusedError):
+            ask(sup.port)
+
+
+def test_sigterm_kills_what_outlasts_graceful_timeout():
+    with run({"attrs": {"workers": 1, "graceful_timeout": 1.0}}) as sup:
+        sup.wait_workers(1)
+        with start_request(sup.port, b"sleep 60") as sock:
+            time.sleep(0.3)
+            began = time.monotonic()
+            sup.signal(signal.SIGTERM)
+            assert sup.wait(timeout=15) == 0
+            assert read_answer(sock) == b""
+        assert time.monotonic() - began < 15
+        err = sup.stderr()
+        # The worker gives up on the request at its deadline (or the supervisor kills it).
+        assert "still running after 1 s" in err or "killed" in err, err
+        sup.assert_gone()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
+def test_sigint_and_sigquit_stop_at_once(signum):
+    with run({"attrs": {"workers": 2}}) as sup:
+        sup.wait_workers(2)
+        with start_request(sup.port, b"sleep 60") as sock:
+            time.sleep(0.3)
+            sup.signal(signum)
+            code = sup.wait(timeout=15)
+            # The in-flight request is cut short, not waited for.
+            try:
+                assert read_answer(sock) == b""
+            except ConnectionResetError:
+                pass
+        assert code == (130 if signum == signal.SIGINT else 0)
+        sup.assert_gone()
+
+
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_sighup_replaces_every_worker_without_a_failed_connection(kind):
+    with run({**kind, "attrs": {"workers": 2}}) as sup:
+        old = sup.wait_workers(2)
+        errors: list[BaseException] = []
+        answered: list[int] = []
+        stop = threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    answered.append(ask(sup.port, timeout=10))
+                except BaseException as exc:  # noqa: BLE001 -- every failure counts
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: len(answered) > 20, message="load")
+            sup.signal(signal.SIGHUP)
+            new = wait_for(lambda: (w := sup.workers()) and len(w) == 2 and not (w & old) and w, message="new workers")
+            mark = len(answered)
+            wait_for(lambda: set(answered[mark:]) >= new, message="new workers answering")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(20)
+        assert errors == []
+        assert set(answered) >= old | new
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+def test_sigttin_and_sigttou_change_the_worker_count():
+    with run({"attrs": {"workers": 2}}) as sup:
+        first = sup.wait_workers(2)
+        sup.signal(signal.SIGTTIN)
+        three = sup.wait_workers(3)
+        assert first < three
+        sup.signal(signal.SIGTTOU)
+        two = sup.wait_workers(2)
+        assert two < three
+        sup.signal(signal.SIGTTOU)
+        sup.wait_workers(1)
+        sup.signal(signal.SIGTTOU)  # at least one worker stays
+        time.sleep(0.5)
+        assert len(sup.wait_workers(1)) == 1
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_single_process_sigterm_drains(kind):
+    with run({**kind, "attrs": {"workers": 0}}) as sup:
+        assert ask(sup.port) == sup.pid
+        line = b"sleep 1" if kind["base"] == "threading" else b"busy 1"
+        with start_request(sup.port, line) as sock:
+            time.sleep(0.3)
+            sup.signal(signal.SIGTERM)
+            assert int(read_answer(sock)) == sup.pid
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+def test_single_process_drain_has_a_deadline():
+    with run({"attrs": {"workers": 0, "graceful_timeout": 0.5, "daemon_threads": False}}) as sup:
+        with start_request(sup.port, b"sleep 60"):
+            time.sleep(0.3)
+            sup.signal(signal.SIGTERM)
+            assert sup.wait(timeout=15) == 0
+        assert "still running" in sup.stderr()

@@ -115,7 +115,7 @@ import traceback
 from time import monotonic as _now
 from typing import Any
 
-from . import _mixins, _systemd
+from . import _core, _mixins, _systemd
 
 __all__ = ["PreforkMixIn", "WorkerCrashLoop"]
 
@@ -228,6 +228,7 @@ class PreforkMixIn:
     _prefork_role = ""  # "" (not serving), "supervisor", "worker" or "single"
     _prefork_beat: Any = None
     _prefork_supervisor: Any = None
+    _prefork_deadline = 0.0  # a worker's graceful stop: when the kernel ends it
 
     # -- hooks -----------------------------------------------------------------------
 
@@ -313,6 +314,8 @@ class PreforkMixIn:
         draining = threading.Event()
 
         def on_term(signum: int, frame: Any) -> None:
+            if not draining.is_set():
+                draining.deadline = _now() + float(self.graceful_timeout)  # type: ignore[attr-defined]
             draining.set()
             self.graceful_shutdown()
 
@@ -325,21 +328,31 @@ class PreforkMixIn:
             super().serve_forever(poll_interval)  # type: ignore[misc]
             if draining.is_set():
                 _systemd.notify("STOPPING=1")
-                self._drain(_now() + self.graceful_timeout)
+                self._drain(draining.deadline)  # type: ignore[attr-defined]
         finally:
             self._prefork_role = ""
             if saved is not None:
                 signal.signal(signal.SIGTERM, saved)
 
     def _drain(self, deadline: float) -> None:
-        """Wait until ``deadline`` for the in-flight requests ``server_close()`` would
-        wait for; past it, let ``server_close()`` leave them."""
+        """After the serve loop ended for a graceful stop: serve what is in flight
+        until ``deadline``, taking nothing new. Protocol handlers: the event loop stops
+        accepting and runs until its connections are closed (their queued output sent).
+        ``ThreadingMixIn``: wait for the requests ``server_close()`` would wait for;
+        past the deadline, let ``server_close()`` leave them."""
+        loop = getattr(self, "_BaseServer__reactor", None)
+        if type(loop) is _core.EventLoop:
+            loop.stop_accepting()
+            while True:
+                loop.run_once(0)  # sends what the last callbacks wrote
+                remaining = deadline - _now()
+                if not loop.connections or remaining <= 0:
+                    break
+                loop.run_once(min(0.1, remaining))
         threads = vars(self).get("_threads")
         pool = getattr(threads, "_pool", None)
-        if pool is None:
-            return
-        if not pool.join(max(0.0, deadline - _now())):
-            log.warning("graceful stop: %d request(s) still running after %.1f s; not waiting for them",
+        if pool is not None and not pool.join(max(0.0, deadline - _now())):
+            log.warning("graceful stop: %d request(s) still running after %g s; not waiting for them",
                         len(threads), self.graceful_timeout)
             self._threads = _mixins._NoThreads()
 
@@ -377,6 +390,10 @@ class PreforkMixIn:
             self.worker_init()
             _write(pipe, _READY)
             super().serve_forever(poll_interval)  # type: ignore[misc]
+            if self._prefork_deadline:
+                # Stop a little before the kernel's hard deadline, to close cleanly.
+                margin = min(1.0, 0.1 * float(self.graceful_timeout))
+                self._drain(self._prefork_deadline - margin)
             self.server_close()  # type: ignore[attr-defined]
             status = 0
         except KeyboardInterrupt:
@@ -394,9 +411,9 @@ class PreforkMixIn:
 
     def _worker_stop(self) -> None:
         """The worker's graceful stop; the kernel ends the process at the deadline."""
-        if getattr(self, "_prefork_stopping", False):
+        if self._prefork_deadline:
             return
-        self._prefork_stopping = True
+        self._prefork_deadline = _now() + float(self.graceful_timeout)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.setitimer(signal.ITIMER_REAL, max(0.001, float(self.graceful_timeout)))
         self.graceful_shutdown()
