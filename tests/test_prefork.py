@@ -308,3 +308,84 @@ def test_single_process_drain_has_a_deadline():
             sup.signal(signal.SIGTERM)
             assert sup.wait(timeout=15) == 0
         assert "still running" in sup.stderr()
+
+
+# -- 3. recycling and liveness ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_max_requests_recycles_workers_without_a_failed_request(kind):
+    with run({**kind, "attrs": {"workers": 1, "max_requests": 5}}) as sup:
+        first = sup.wait_workers(1)
+        answered = [ask(sup.port) for _ in range(22)]
+        # Every request answered; a worker answers at most 5 (the last of the 22 may
+        # land on a worker still serving its allowance).
+        counts = {pid: answered.count(pid) for pid in set(answered)}
+        assert len(counts) >= 4, counts
+        assert max(counts.values()) <= 5, counts
+        assert first & set(answered)
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+def test_max_requests_jitter_spreads_the_limits():
+    with run({"attrs": {"workers": 1, "max_requests": 3, "max_requests_jitter": 4}}) as sup:
+        sup.wait_workers(1)
+        answered = [ask(sup.port) for _ in range(60)]
+        runs = {pid: answered.count(pid) for pid in set(answered)}
+        full = [n for pid, n in runs.items() if pid != answered[-1]]
+        assert all(3 <= n <= 7 for n in full), runs
+        assert len(set(full)) > 1, runs
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
+def test_a_stopped_worker_is_replaced():
+    with run({"attrs": {"workers": 1, "worker_timeout": 1.0}}) as sup:
+        (worker,) = sup.wait_workers(1)
+        os.kill(worker, signal.SIGSTOP)
+        (replacement,) = sup.wait_workers(1, exclude={worker}, timeout=20)
+        assert replacement != worker
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        assert f"worker {worker} did not answer" in sup.stderr()
+        sup.assert_gone()
+
+
+@pytest.mark.parametrize(
+    "kind,line",
+    [
+        # A synchronous server runs the handler inline: its loop sends no heartbeat.
+        pytest.param({"base": "tcp", "handler": "line"}, b"busy 3", id="inline-pure-python"),
+        # One C call holds the GIL for seconds: no thread of the worker runs Python.
+        pytest.param({"base": "threading", "handler": "line"}, b"gil 3", id="threading-gil-held"),
+        pytest.param({"base": "tcp", "handler": "protocol"}, b"gil 3", id="protocol-gil-held"),
+    ],
+)
+def test_a_busy_worker_is_kept(kind, line):
+    with run({**kind, "attrs": {"workers": 1, "worker_timeout": 1.0}}) as sup:
+        (worker,) = sup.wait_workers(1)
+        began = time.monotonic()
+        assert ask(sup.port, line, timeout=30) == worker
+        assert time.monotonic() - began > 2.0  # it really was busy for twice the timeout
+        assert sup.workers() == {worker}
+        assert ask(sup.port) == worker
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        assert "did not answer" not in sup.stderr()
+        sup.assert_gone()
+
+
+def test_a_worker_blocked_inline_is_replaced():
+    # A synchronous server whose handler waits (no CPU, loop not running): unresponsive.
+    with run({"base": "tcp", "attrs": {"workers": 1, "worker_timeout": 1.0}}) as sup:
+        (worker,) = sup.wait_workers(1)
+        with start_request(sup.port, b"sleep 60") as sock:
+            assert read_answer(sock) == b""
+        (replacement,) = sup.wait_workers(1, exclude={worker})
+        assert replacement != worker
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()

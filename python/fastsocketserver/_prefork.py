@@ -358,8 +358,11 @@ class PreforkMixIn:
 
     # -- the worker side -----------------------------------------------------------
 
-    def _worker_main(self, pipe: int, close_fds: list[int], supervisor_pid: int, poll_interval: float) -> None:
-        """Run in a freshly forked worker; never returns."""
+    def _worker_main(
+        self, pipe: int, close_fds: list[int], supervisor_pid: int, poll_interval: float, mask: Any
+    ) -> None:
+        """Run in a freshly forked worker (its signals blocked until its handlers are
+        set; ``mask`` is the mask to restore); never returns."""
         status = 1
         try:
             self._prefork_role = "worker"
@@ -373,6 +376,7 @@ class PreforkMixIn:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGQUIT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, lambda signum, frame: self._worker_stop())
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.set_blocking(pipe, False)
             _set_parent_death_signal(signal.SIGTERM)
             if os.getppid() != supervisor_pid:
@@ -622,9 +626,15 @@ class _Supervisor:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         close_in_child = [read_end, self.wake_r, self.wake_w] + [w.fd for w in self.workers.values() if w.fd >= 0]
         supervisor_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            self.server._worker_main(write_end, close_in_child, supervisor_pid, self.poll_interval)
+        # Signals wait until each side has its own handlers: a SIGTERM for the new
+        # worker must not reach the supervisor's handler it inherited.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self.server._worker_main(write_end, close_in_child, supervisor_pid, self.poll_interval, blocked)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(write_end)
         os.set_blocking(read_end, False)
         self.workers[pid] = _Worker(pid, read_end, _now())
