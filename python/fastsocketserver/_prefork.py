@@ -268,6 +268,10 @@ class PreforkMixIn:
         if workers == 0:
             self._serve_single(poll_interval)
             return
+        if self.reuse_port and self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):  # type: ignore[attr-defined]
+            # An inherited listening socket: it would take a share of the connections
+            # in the SO_REUSEPORT group and nobody would accept them.
+            raise ValueError("reuse_port needs a socket this server bound itself, not a listening one it inherited")
         supervisor = _Supervisor(self, workers, poll_interval)
         self._prefork_role, self._prefork_supervisor = "supervisor", supervisor
         try:
