@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from supervised import ask, run, session, stat_fields, wait_for
+from supervised import ask, children, run, session, stat_fields, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process model")
 
@@ -389,3 +389,41 @@ def test_a_worker_blocked_inline_is_replaced():
         sup.signal(signal.SIGTERM)
         assert sup.wait() == 0
         sup.assert_gone()
+
+
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_idle_workers_are_kept(kind):
+    # Idle, the serve loop's heartbeat answers for the worker (no CPU time is used).
+    with run({**kind, "attrs": {"workers": 2, "worker_timeout": 0.6}}) as sup:
+        workers = sup.wait_workers(2)
+        time.sleep(3)
+        assert sup.workers() == workers
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        assert "did not answer" not in sup.stderr()
+        sup.assert_gone()
+
+
+def test_shutdown_from_another_thread_stops_the_supervisor():
+    import fastsocketserver as fss
+
+    class H(fss.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(b"%d\n" % os.getpid())
+
+    class S(fss.PreforkMixIn, fss.TCPServer):
+        workers = 2
+
+    with S(("127.0.0.1", 0), H) as server:
+        t = threading.Thread(target=server.serve_forever)
+        t.start()
+        try:
+            wait_for(lambda: len({ask(server.server_address[1]) for _ in range(10)}) == 2, message="2 workers")
+            workers = children(os.getpid())
+            assert len(workers) == 2
+        finally:
+            server.shutdown()
+            t.join(30)
+        assert not t.is_alive()
+    # Reaped, not left running or as zombies.
+    assert all(stat_fields(pid) is None for pid in workers)

@@ -44,8 +44,8 @@ Supervision
 Liveness (``worker_timeout`` seconds, gunicorn's ``timeout``)
     A worker is killed (SIGKILL) and replaced when, for ``worker_timeout`` seconds, it
     has neither sent a heartbeat nor used any CPU time. The heartbeat is a byte on its
-    pipe, sent from the serve loop's ``service_actions()`` (at least every
-    ``poll_interval``, rate-limited). The CPU time is read by the supervisor from the
+    pipe, sent from the serve loop's ``service_actions()`` (the worker's
+    ``poll_interval`` is lowered to a quarter of ``worker_timeout`` when it is longer). The CPU time is read by the supervisor from the
     kernel (``/proc/PID/stat``), which answers for the worker without the worker's
     GIL: a worker whose handler runs CPU-bound Python, even one C call holding the GIL
     for minutes, makes no heartbeat but uses CPU, and is kept. A worker that is
@@ -81,12 +81,15 @@ Signals, with gunicorn's meanings (to the supervisor)
               gracefully.
     ========  ==============================================================
 
-    A worker treats SIGTERM as its graceful stop (the serve loop ends after the
-    current request, ``server_close()`` waits for the in-flight ones, as it does for
-    ``ThreadingMixIn``; a hard deadline of ``graceful_timeout`` is armed with
-    SIGALRM, whose default action ends the process even when no Python code can
-    run), SIGINT/SIGQUIT as a quick exit, and ignores SIGHUP/SIGTTIN/SIGTTOU (sent to
-    a whole terminal process group, they are meant for the supervisor).
+    A worker treats SIGTERM as its graceful stop: the serve loop ends after what it
+    has accepted, and nothing new is taken from the socket; ``ThreadingMixIn``'s
+    in-flight requests are waited for, and a protocol handler's open connections are
+    served (their queued output sent) until they close; at ``graceful_timeout`` the
+    kernel ends the worker (SIGALRM, armed at its default action, works even when no
+    Python code can run). SIGINT/SIGQUIT are a quick exit; SIGHUP/SIGTTIN/SIGTTOU are
+    ignored (a terminal sends them to the whole process group; they are meant for the
+    supervisor). Signals are blocked across ``fork()`` until the worker has its own
+    handlers, so none meant for it reaches the supervisor's handler it inherited.
 
 Single process
     ``workers = 0`` serves in the calling process, with the workers' signal meanings:
