@@ -88,9 +88,12 @@ class Supervised:
     def workers(self) -> set[int]:
         return children(self.pid)
 
-    def wait_workers(self, count: int, exclude: set[int] = frozenset(), timeout: float = DEADLINE) -> set[int]:
+    def wait_workers(
+        self, count: int, exclude: set[int] = frozenset(), timeout: float = DEADLINE, booting_refuses: bool = False
+    ) -> set[int]:
         """Wait until ``count`` workers (none of ``exclude``) exist and every one of
-        them has answered a request; returns their pids."""
+        them has answered a request; returns their pids. ``booting_refuses``: a refused
+        connection means no worker listens yet (reuse_port), so try again."""
         seen: set[int] = set()
 
         def done():
@@ -98,7 +101,12 @@ class Supervised:
             if len(now) != count or now & exclude:
                 return None
             seen.intersection_update(now)
-            seen.add(ask(self.port))
+            try:
+                seen.add(ask(self.port))
+            except ConnectionRefusedError:
+                if not booting_refuses:
+                    raise
+                return None
             return now if seen == now else None
 
         return wait_for(done, timeout, f"{count} workers answering")

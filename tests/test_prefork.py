@@ -108,7 +108,8 @@ def test_workers_exit_when_the_supervisor_is_killed():
 
 def test_reuse_port_gives_each_worker_its_own_socket():
     with run({"attrs": {"workers": 2, "reuse_port": True}}) as sup:
-        workers = sup.wait_workers(2)
+        # Until a worker listens, nothing does: the supervisor's socket is only bound.
+        workers = sup.wait_workers(2, booting_refuses=True)
         # Every connection is answered: the supervisor's socket holds the address
         # without listening, so it never takes a share it would not accept.
         answered = [ask(sup.port, timeout=5) for _ in range(60)]

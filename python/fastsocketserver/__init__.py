@@ -74,8 +74,10 @@ class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
     pass
 
 
-# Extensions, beyond the stdlib's names (so not in __all__, which is socketserver's):
-# pre-forked workers under a supervisor, and systemd's socket activation and sd_notify.
+# Extensions, beyond the stdlib's names: not in __all__, and they keep the __module__ of
+# their private submodule, so that the names the stdlib's own test_all collects (classes
+# whose __module__ is this module) stay exactly socketserver's.
+# Pre-forked workers under a supervisor; systemd's socket activation and sd_notify.
 from ._prefork import PreforkMixIn, WorkerCrashLoop  # noqa: E402
 from ._systemd import listen_fds, server_from_fd  # noqa: E402
 from ._systemd import notify as sd_notify  # noqa: E402
@@ -85,5 +87,4 @@ from ._systemd import notify as sd_notify  # noqa: E402
 for _name in __all__:
     globals()[_name].__module__ = __name__
 _SocketWriter.__module__ = __name__
-PreforkMixIn.__module__ = WorkerCrashLoop.__module__ = __name__
 del _name
