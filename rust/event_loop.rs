@@ -30,6 +30,7 @@
 //! has already handed to another socket. Nothing here closes a bare number.
 
 use crate::address;
+use crate::buffer::RawBuffer;
 use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::native::NativeEcho;
 use crate::syscall::{self, Mode, RawAddr};
@@ -116,6 +117,42 @@ enum Sink {
     Native,
     /// `data_received(bytes)` (the bound method).
     Bytes(Py<PyAny>),
+    /// An `asyncio.BufferedProtocol`: the bytes are written into the buffer its
+    /// `get_buffer(-1)` returns, then `buffer_updated(nbytes)`, as often as the
+    /// buffers' sizes need (the bound methods).
+    Buffered {
+        get_buffer: Py<PyAny>,
+        buffer_updated: Py<PyAny>,
+    },
+}
+
+/// The bound method `get_buffer(-1)` returned a buffer of: a writable contiguous
+/// export, never empty (asyncio's `RuntimeError`); what the selector loop of asyncio
+/// passes as the size hint is -1 (any size).
+fn protocol_buffer(py: Python<'_>, get_buffer: &Py<PyAny>) -> PyResult<RawBuffer> {
+    let buf = catch_panic(|| get_buffer.call1(py, (-1,)))?;
+    let view = RawBuffer::writable(buf.bind(py), "get_buffer() result")?;
+    if view.len() == 0 {
+        return Err(PyRuntimeError::new_err(
+            "get_buffer() returned an empty buffer",
+        ));
+    }
+    Ok(view)
+}
+
+/// A protocol takes its data through `get_buffer()`/`buffer_updated()`: an instance of
+/// `asyncio.BufferedProtocol` (what asyncio checks), or a duck-typed protocol with a
+/// `get_buffer` and no `data_received`.
+fn is_buffered(py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let modules = py.import("sys")?.getattr("modules")?;
+    if let Some(asyncio) = modules.get_item("asyncio").ok().filter(|m| !m.is_none()) {
+        if let Ok(buffered) = asyncio.getattr("BufferedProtocol") {
+            if protocol.is_instance(&buffered)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(!protocol.hasattr("data_received")? && protocol.hasattr("get_buffer")?)
 }
 
 /// Whether received data may go to the protocol now.
@@ -142,14 +179,55 @@ impl Conn {
     }
 
     /// Hand `data` to the protocol.
-    fn deliver(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    fn deliver(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
         match self.sink.as_ref() {
-            Some(Sink::Native) => transport::write_slice(py, &self.transport.get().core, data),
+            Some(Sink::Native) => transport::write_slice(self.transport.bind(py), data),
             Some(Sink::Bytes(on_data)) => {
                 let data = PyBytes::new(py, data);
                 catch_panic(|| on_data.call1(py, (data,))).map(drop)
             }
+            Some(Sink::Buffered {
+                get_buffer,
+                buffer_updated,
+            }) => {
+                let (get_buffer, buffer_updated) =
+                    (get_buffer.clone_ref(py), buffer_updated.clone_ref(py));
+                let mut rest = data;
+                while !rest.is_empty() {
+                    let view = protocol_buffer(py, &get_buffer)?;
+                    let n = view.len().min(rest.len());
+                    // SAFETY: the export is writable, contiguous and `view.len()` >= n
+                    // bytes long; it stays pinned until `view` is dropped below.
+                    unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), view.ptr().get(), n) };
+                    drop(view);
+                    rest = &rest[n..];
+                    catch_panic(|| buffer_updated.call1(py, (n,)))?;
+                    if rest.is_empty() {
+                        break;
+                    }
+                    // buffer_updated() may have paused reading or closed the transport.
+                    match self.gate(py, false) {
+                        Gate::Open => {}
+                        Gate::Hold => {
+                            self.held.splice(0..0, rest.iter().copied());
+                            break;
+                        }
+                        Gate::Drop => break,
+                    }
+                }
+                Ok(())
+            }
             None => Ok(()),
+        }
+    }
+
+    /// Before `eof_received()`: a buffered protocol is asked for a buffer first, as
+    /// asyncio asks before the read that finds the end of stream (an empty one fails
+    /// the connection there, with no `eof_received()`).
+    fn before_eof(&self, py: Python<'_>) -> PyResult<()> {
+        match self.sink.as_ref() {
+            Some(Sink::Buffered { get_buffer, .. }) => protocol_buffer(py, get_buffer).map(drop),
+            _ => Ok(()),
         }
     }
 
@@ -231,6 +309,10 @@ pub struct EventLoop {
     /// False once `stop_accepting()` was called: the listener is left alone, so that
     /// a draining process takes no new connection (or datagram) from a shared socket.
     accepting: AtomicBool,
+    /// The process that made the loop. A forked child (`os.fork()` in a callback, say)
+    /// shares the parent's epoll instance and eventfd: there the loop never touches
+    /// them (see `stale`).
+    pid: libc::pid_t,
 }
 
 fn conn_mut(conns: &mut [Option<Conn>], token: usize) -> Option<&mut Conn> {
@@ -767,9 +849,7 @@ impl EventLoop {
                             .and_then(|c| c.protocol.as_ref().map(|p| p.clone_ref(py)))
                     };
                     if let Some(protocol) = protocol {
-                        let result =
-                            catch_panic(|| protocol.call_method0(py, "resume_writing")).map(drop);
-                        self.after_callback(py, st, token, result)?;
+                        self.resume_writing(py, st, token, protocol)?;
                     }
                 }
                 Event::Lost(token, why) => self.on_lost(py, st, token, why)?,
@@ -782,7 +862,8 @@ impl EventLoop {
                     };
                     if ep.native {
                         let data = &st.arena[start..start + len];
-                        transport::queue_datagram(py, &ep.transport.get().core, data, addr);
+                        let queued = transport::queue_datagram(ep.transport.bind(py), data, addr);
+                        self.after_callback(py, st, LISTENER.0, queued)?;
                         continue;
                     }
                     let data = PyBytes::new(py, &st.arena[start..start + len]);
@@ -833,7 +914,10 @@ impl EventLoop {
             }
             Gate::Drop => return Ok(()),
         }
-        let result = catch_panic(|| protocol.call_method0(py, "eof_received"))
+        let protocol = protocol.clone_ref(py);
+        let result = conn
+            .before_eof(py)
+            .and_then(|()| catch_panic(|| protocol.call_method0(py, "eof_received")))
             .and_then(|keep| keep.is_truthy(py));
         match result {
             Ok(true) => Ok(()),
@@ -897,6 +981,7 @@ impl EventLoop {
                     sockname: address::to_python(py, local)?.unbind(),
                     socket: Mutex::new(None),
                     fd,
+                    on_error: self.on_error.clone_ref(py),
                     family: self.family,
                     kind: self.kind,
                     proto: self.proto,
@@ -952,6 +1037,11 @@ impl EventLoop {
             *lock(py, &transport.get().core.protocol) = protocol.clone_ref(py);
             let sink = if protocol.bind(py).is_instance_of::<NativeEcho>() {
                 Sink::Native
+            } else if is_buffered(py, protocol.bind(py))? {
+                Sink::Buffered {
+                    get_buffer: protocol.getattr(py, "get_buffer")?,
+                    buffer_updated: protocol.getattr(py, "buffer_updated")?,
+                }
             } else {
                 Sink::Bytes(protocol.getattr(py, "data_received")?)
             };
@@ -1025,6 +1115,33 @@ impl EventLoop {
         }
     }
 
+    /// `resume_writing()`: a failure goes to `handle_error` and the connection stays
+    /// open (asyncio sends it to the loop's exception handler and goes on);
+    /// `KeyboardInterrupt`/`SystemExit` propagate.
+    fn resume_writing(
+        &self,
+        py: Python<'_>,
+        st: &mut LoopState,
+        token: usize,
+        protocol: Py<PyAny>,
+    ) -> PyResult<()> {
+        let Err(err) = catch_panic(|| protocol.call_method0(py, "resume_writing")) else {
+            return Ok(());
+        };
+        if !is_handled(py, &err) {
+            return Err(err);
+        }
+        let transport = if token == LISTENER.0 {
+            st.datagram.as_ref().map(|ep| ep.transport.clone_ref(py))
+        } else {
+            conn_mut(&mut st.conns, token).map(|c| c.transport.clone_ref(py))
+        };
+        match transport {
+            Some(transport) => transport.get().core.report(transport.bind(py), err),
+            None => Err(err),
+        }
+    }
+
     /// After a callback: an ordinary exception goes to `handle_error` and aborts the
     /// connection; anything else (KeyboardInterrupt, SystemExit) propagates.
     fn after_callback(
@@ -1088,6 +1205,7 @@ impl EventLoop {
                 sockname: address::to_python(py, &local)?.unbind(),
                 socket: Mutex::new(None),
                 fd: self.fd,
+                on_error: self.on_error.clone_ref(py),
                 family: self.family,
                 kind: self.kind,
                 proto: self.proto,
@@ -1223,12 +1341,24 @@ fn close_socket(poll: Option<&Poll>, conn: &mut Conn) -> bool {
 }
 
 /// At the loop's end, close every descriptor it owns: the `unclaimed` ones and each open
-/// connection's (marked closed for its transport). No callback runs here; detached.
-fn close_descriptors(unclaimed: Vec<OwnedFd>, conns: &mut [Option<Conn>], poll: Option<&Poll>) {
+/// connection's (marked closed for its transport). Nothing is deregistered: the poller
+/// is dropped next (and in a forked child it is the parent's). No callback runs here;
+/// detached.
+fn close_descriptors(unclaimed: Vec<OwnedFd>, conns: &mut [Option<Conn>]) {
     drop(unclaimed);
     for conn in conns.iter_mut().flatten() {
-        close_socket(poll, conn);
+        close_socket(None, conn);
     }
+}
+
+/// At the loop's end: the datagram endpoint's transport is dead (`sendto` ignored,
+/// no socket made for `get_extra_info`: the server's socket may be closed by now).
+fn end_endpoint(ep: &DatagramEndpoint) {
+    ep.chan
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .closed = true;
 }
 
 /// Close a connection's descriptor now (detached phase) and queue its `connection_lost`.
@@ -1249,7 +1379,10 @@ fn close_conn(
 impl Drop for EventLoop {
     /// A loop dropped without `close()` (its server collected without `server_close()`)
     /// still closes the descriptors it owns (connections, the poller, the waker); no
-    /// callback runs.
+    /// connection's callback runs. The datagram endpoint ends: its transport is marked
+    /// dead and its protocol gets `connection_lost(None)` (once: not if it got it
+    /// already); an exception from it goes to `sys.unraisablehook` (no server is left
+    /// to report to). In a forked child the endpoint is the parent's: no callback.
     ///
     /// Drop runs in the object's deallocation, with the GIL held. The owners are moved
     /// out first and closed with the GIL released (`Python::attach` only gets the token
@@ -1259,17 +1392,33 @@ impl Drop for EventLoop {
     /// lock while attached cannot wait on a thread that needs the GIL: its only other
     /// holders (`wake`, `close`) hold it for a non-blocking system call at most.
     fn drop(&mut self) {
+        let stale = self.stale();
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let unclaimed = unclaimed_descriptors(&mut st.pending);
         let poll = st.poll.take();
         let waker = self.shared.take_waker();
+        let datagram = st.datagram.take();
         let conns = &mut st.conns;
         Python::attach(|py| {
             py.detach(|| {
-                close_descriptors(unclaimed, conns, poll.as_ref());
+                close_descriptors(unclaimed, conns);
+                if let Some(ep) = datagram.as_ref() {
+                    end_endpoint(ep);
+                }
                 drop(poll);
                 drop(waker);
-            })
+            });
+            let Some(ep) = datagram else {
+                return;
+            };
+            if let Some(protocol) = ep.protocol.as_ref().filter(|_| !stale) {
+                if let Err(err) =
+                    catch_panic(|| protocol.call_method1(py, "connection_lost", (py.None(),)))
+                {
+                    err.write_unraisable(py, Some(protocol.bind(py)));
+                }
+            }
+            ep.transport.get().core.release(py);
         });
     }
 }
@@ -1341,6 +1490,8 @@ impl EventLoop {
             stop_wakes: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             accepting: AtomicBool::new(true),
+            // SAFETY: getpid has no preconditions.
+            pid: unsafe { libc::getpid() },
         })
     }
 
@@ -1368,7 +1519,12 @@ impl EventLoop {
     }
 
     /// Wake the loop's current (or next) wait.
+    ///
+    /// In a forked child it does nothing: the eventfd is the parent's.
     fn wake(&self) -> PyResult<()> {
+        if self.stale() {
+            return Ok(());
+        }
         self.stop_wakes.fetch_add(1, Ordering::AcqRel);
         self.shared.wake().map_err(Error::from)?;
         Ok(())
@@ -1384,7 +1540,9 @@ impl EventLoop {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => {
-                let _ = py.detach(|| self.shared.wake());
+                if !self.stale() {
+                    let _ = py.detach(|| self.shared.wake());
+                }
                 if self.running_here() {
                     // A callback (or signal handler) of this loop's own round: the
                     // round finishes the close when it ends.
@@ -1407,22 +1565,23 @@ impl EventLoop {
         drop(guard);
         // Transports may outlive the loop; its eventfd must not.
         let waker = self.shared.take_waker();
+        // Nothing is deregistered: the poller goes now, and its registrations with it.
+        // The listener's number may already be closed (or another socket's), and in a
+        // forked child the epoll instance is the parent's, whose registrations stay.
         py.detach(|| {
-            close_descriptors(unclaimed, &mut conns, poll.as_ref());
-            if let Some(poll) = poll.as_ref() {
-                let _ = poll.registry().deregister(&mut SourceFd(&self.fd));
-            }
+            close_descriptors(unclaimed, &mut conns);
             if let Some(ep) = datagram.as_ref() {
-                ep.chan
-                    .state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .closed = true;
+                end_endpoint(ep);
             }
             drop(poll);
             drop(waker);
         });
         self.open.store(0, Ordering::Relaxed);
+        if self.stale() {
+            // A forked child's copy: the connections and their protocols are the
+            // parent's; the child only lets go of its descriptors.
+            return Ok(());
+        }
         let mut first_err = None;
         let mut lost = |protocol: &Py<PyAny>| {
             if let Err(err) =
@@ -1474,6 +1633,15 @@ impl EventLoop {
     #[getter]
     fn fd(&self) -> RawFd {
         self.fd
+    }
+
+    /// True in a process other than the one that made the loop (a forked child): the
+    /// server then makes a fresh loop there, and this one only lets go of its
+    /// descriptors, leaving the shared poller alone.
+    #[getter]
+    fn stale(&self) -> bool {
+        // SAFETY: getpid has no preconditions.
+        unsafe { libc::getpid() != self.pid }
     }
 }
 

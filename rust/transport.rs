@@ -1,10 +1,12 @@
 //! Transports of the event-driven path: what `asyncio.Protocol` handlers write to.
 //!
-//! A transport never makes a system call. `write()` queues bytes on the connection's
+//! A small write makes no system call: `write()` queues bytes on the connection's
 //! [`Channel`] and marks it dirty; the event loop sends everything queued inside its
-//! next GIL release (ARCHITECTURE.md, The GIL rule). Flow control follows asyncio: the protocol's
-//! `pause_writing()` is called when the queue exceeds the high-water mark and
-//! `resume_writing()` when the loop has drained it to the low-water mark.
+//! next GIL release (ARCHITECTURE.md, The GIL rule). Flow control follows asyncio: the
+//! protocol's `pause_writing()` is called once when the queue exceeds the high-water
+//! mark with the socket full (see [`TransportCore::maybe_pause`]: only then does a write
+//! offer the queue to the socket, in one GIL release) and `resume_writing()` once when
+//! the loop has drained it to the low-water mark.
 //!
 //! A transport may be used from another thread: it then wakes the loop, so the write is
 //! not left waiting for the next event.
@@ -144,28 +146,96 @@ pub struct TransportCore {
     /// under the channel's lock while the channel is open, and the loop closes it under
     /// that lock after marking the channel closed.
     pub fd: std::os::fd::RawFd,
+    /// `on_error(transport, address, exc)`: the server's report of a callback's
+    /// exception (its `handle_error`).
+    pub on_error: Py<PyAny>,
     pub family: i32,
     pub kind: i32,
     pub proto: i32,
 }
 
 impl TransportCore {
-    /// Call the protocol's `pause_writing()` if the queue passed the high-water mark.
-    fn maybe_pause(&self, py: Python<'_>) {
+    /// asyncio's pause check, after every write and `set_write_buffer_limits()`: the
+    /// protocol's `pause_writing()` is called once when the buffer rises above the
+    /// high-water mark (and not again until `resume_writing()`).
+    ///
+    /// asyncio's buffer holds only what the socket did not take: its `write()` sends at
+    /// once. Here `write()` queues and the loop sends in its next I/O phase, so before
+    /// pausing, a stream transport offers the queue to the socket (one GIL release,
+    /// only when the queue passed the mark): the protocol is paused only when the
+    /// kernel is full, exactly when asyncio's would be. A failed `pause_writing()` goes
+    /// to the server's error handler (asyncio: the loop's exception handler); the
+    /// connection stays open; `KeyboardInterrupt`/`SystemExit` propagate.
+    fn maybe_pause(&self, transport: &Bound<'_, BaseTransport>) -> PyResult<()> {
+        let py = transport.py();
+        let over = |st: &ChanState| !st.writing_paused && !st.closed && st.pending() > st.high;
+        if !over(&lock(py, &self.chan.state)) {
+            return Ok(());
+        }
+        if self.kind == libc::SOCK_STREAM {
+            py.detach(|| self.send_queued());
+        }
         let pause = {
             let mut st = lock(py, &self.chan.state);
-            let pause = !st.writing_paused && !st.closed && st.pending() > st.high;
+            let pause = over(&st);
             if pause {
                 st.writing_paused = true;
             }
             pause
         };
-        if pause {
-            let protocol = lock(py, &self.protocol).clone_ref(py);
-            if let Err(err) = protocol.call_method0(py, "pause_writing") {
-                err.write_unraisable(py, Some(protocol.bind(py)));
+        if !pause {
+            return Ok(());
+        }
+        let protocol = lock(py, &self.protocol).clone_ref(py);
+        match crate::error::catch_panic(|| protocol.call_method0(py, "pause_writing")) {
+            Ok(_) => Ok(()),
+            Err(err) if crate::error::is_handled(py, &err) => self.report(transport, err),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Send what the socket takes of the queue now, without waiting (detached). Under
+    /// the channel's lock, as the loop's own sends: while the channel is open, `fd` is
+    /// the loop's open descriptor. A send error is left for the loop's next send to
+    /// meet again and end the connection.
+    fn send_queued(&self) {
+        let mut st = self.chan.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.closed || st.aborting {
+            return;
+        }
+        while st.out_pos < st.out.len() {
+            let pos = st.out_pos;
+            match crate::syscall::send(
+                self.fd,
+                &st.out[pos..],
+                0,
+                crate::syscall::Mode::NonBlocking,
+                None,
+            ) {
+                Ok(n) => st.out_pos += n,
+                Err(crate::error::Error::Interrupted) => continue,
+                Err(_) => break,
             }
         }
+        if st.out_pos == st.out.len() {
+            st.out.clear();
+            st.out_pos = 0;
+        }
+    }
+
+    /// Report an exception of a flow-control callback: `on_error(transport, peer, exc)`.
+    pub fn report(&self, transport: &Bound<'_, BaseTransport>, err: PyErr) -> PyResult<()> {
+        let py = transport.py();
+        self.on_error
+            .call1(
+                py,
+                (
+                    transport,
+                    self.peername.clone_ref(py),
+                    err.value(py).clone(),
+                ),
+            )
+            .map(drop)
     }
 
     fn get_extra_info(
@@ -287,26 +357,22 @@ impl TransportCore {
         let st = lock(py, &self.chan.state);
         st.closing || st.aborting || st.closed
     }
+}
 
-    fn set_limits(&self, py: Python<'_>, high: Option<usize>, low: Option<usize>) -> PyResult<()> {
-        let high = high.unwrap_or(match low {
-            None => DEFAULT_HIGH_WATER,
-            Some(l) => 4 * l,
-        });
-        let low = low.unwrap_or(high / 4);
-        if high < low {
-            return Err(PyValueError::new_err(format!(
-                "high ({high}) must be >= low ({low}) must be >= 0"
-            )));
-        }
-        {
-            let mut st = lock(py, &self.chan.state);
-            st.high = high;
-            st.low = low;
-        }
-        self.maybe_pause(py);
-        Ok(())
+/// `set_write_buffer_limits()` as asyncio computes it: `high` defaults to 64 KiB (or
+/// 4 * `low`), `low` to `high // 4`, and `high >= low >= 0` must hold.
+fn write_limits(high: Option<i64>, low: Option<i64>) -> PyResult<(usize, usize)> {
+    let high = high.unwrap_or(match low {
+        None => DEFAULT_HIGH_WATER as i64,
+        Some(l) => l.saturating_mul(4),
+    });
+    let low = low.unwrap_or(high.div_euclid(4));
+    if !(high >= low && low >= 0) {
+        return Err(PyValueError::new_err(format!(
+            "high ({high}) must be >= low ({low}) must be >= 0"
+        )));
     }
+    Ok((high as usize, low as usize))
 }
 
 /// What every transport has (`asyncio.BaseTransport` and the write-buffer methods of
@@ -332,8 +398,17 @@ impl BaseTransport {
         self.core.is_closing(py)
     }
 
+    /// What the socket has not taken, as asyncio reports it: a stream transport first
+    /// offers its queue to the socket (one GIL release, only when something is queued;
+    /// `write()` queues where asyncio's sends at once).
     fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
-        lock(py, &self.core.chan.state).pending()
+        let core = &self.core;
+        let queued = lock(py, &core.chan.state).pending();
+        if queued == 0 || core.kind != libc::SOCK_STREAM {
+            return queued;
+        }
+        py.detach(|| core.send_queued());
+        lock(py, &core.chan.state).pending()
     }
 
     fn get_write_buffer_limits(&self, py: Python<'_>) -> (usize, usize) {
@@ -343,12 +418,18 @@ impl BaseTransport {
 
     #[pyo3(signature = (high = None, low = None))]
     fn set_write_buffer_limits(
-        &self,
-        py: Python<'_>,
-        high: Option<usize>,
-        low: Option<usize>,
+        slf: &Bound<'_, Self>,
+        high: Option<i64>,
+        low: Option<i64>,
     ) -> PyResult<()> {
-        self.core.set_limits(py, high, low)
+        let (high, low) = write_limits(high, low)?;
+        let core = &slf.get().core;
+        {
+            let mut st = lock(slf.py(), &core.chan.state);
+            st.high = high;
+            st.low = low;
+        }
+        core.maybe_pause(slf)
     }
 
     #[pyo3(signature = (name, default = None))]
@@ -392,7 +473,7 @@ impl Transport {
     /// Queue `data` for sending; it goes out in the loop's next I/O phase.
     fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let buf = RawBuffer::get(data, false)?;
-        write_slice(slf.py(), core_of(slf), buf.as_slice())
+        write_slice(slf.as_super(), buf.as_slice())
     }
 
     fn writelines(slf: &Bound<'_, Self>, lines: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -400,7 +481,7 @@ impl Transport {
         for line in lines.try_iter()? {
             joined.extend_from_slice(RawBuffer::get(&line?, false)?.as_slice());
         }
-        write_slice(slf.py(), core_of(slf), &joined)
+        write_slice(slf.as_super(), &joined)
     }
 
     /// Close the write side once the queued data is sent.
@@ -459,7 +540,9 @@ impl Transport {
 }
 
 /// Queue `data` on a stream transport (what `write()` does).
-pub fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResult<()> {
+pub fn write_slice(transport: &Bound<'_, BaseTransport>, data: &[u8]) -> PyResult<()> {
+    let py = transport.py();
+    let core = &transport.get().core;
     {
         let mut st = lock(py, &core.chan.state);
         if st.eof_requested {
@@ -477,8 +560,7 @@ pub fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResul
         st.out.extend_from_slice(data);
         core.chan.mark_dirty(&mut st);
     }
-    core.maybe_pause(py);
-    Ok(())
+    core.maybe_pause(transport)
 }
 
 /// Queue a datagram to `raw` on a datagram transport (what `sendto()` does).
@@ -486,17 +568,23 @@ pub fn write_slice(py: Python<'_>, core: &TransportCore, data: &[u8]) -> PyResul
 /// Accepted until the endpoint has ended, also after `close()`/`abort()`: asyncio's
 /// unconnected endpoint sends every `sendto` until its `connection_lost`, and the loop
 /// sends what is queued here before it ends the endpoint. Ignored afterwards.
-pub fn queue_datagram(py: Python<'_>, core: &TransportCore, data: &[u8], raw: RawAddr) {
+pub fn queue_datagram(
+    transport: &Bound<'_, BaseTransport>,
+    data: &[u8],
+    raw: RawAddr,
+) -> PyResult<()> {
+    let py = transport.py();
+    let core = &transport.get().core;
     {
         let mut st = lock(py, &core.chan.state);
         if st.closed {
-            return;
+            return Ok(());
         }
         st.datagram_bytes += data.len();
         st.datagrams.push_back((data.to_vec(), raw));
         core.chan.mark_dirty(&mut st);
     }
-    core.maybe_pause(py);
+    core.maybe_pause(transport)
 }
 
 /// The transport of a datagram server socket (`asyncio.DatagramTransport`'s methods).
@@ -523,8 +611,6 @@ impl DatagramTransport {
         data: &Bound<'_, PyAny>,
         addr: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let py = slf.py();
-        let core = core_of(slf);
         let buf = RawBuffer::get(data, false)?;
         let Some(addr) = addr.filter(|a| !a.is_none()) else {
             return Err(PyValueError::new_err(
@@ -532,8 +618,7 @@ impl DatagramTransport {
             ));
         };
         let raw = address::from_python(addr, slf.get().family)?;
-        queue_datagram(py, core, buf.as_slice(), raw);
-        Ok(())
+        queue_datagram(slf.as_super(), buf.as_slice(), raw)
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> String {

@@ -27,11 +27,14 @@ from __future__ import annotations
 import asyncio
 import asyncio.trsock
 import gc
+import os
 import socket
 import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import test_protocol as tp
 from test_protocol import (
@@ -480,3 +483,654 @@ def test_pause_reading_after_every_chunk_keeps_order(backend):
     assert rec.seq()[-2:] == ["eof_received", "connection_lost(None)"]
 
 
+
+
+# ---------------------------------------------------------------------------
+# 7. write flow control: pause_writing()/resume_writing() as asyncio calls them
+# ---------------------------------------------------------------------------
+
+FLOW_TOTAL = 8 * 1024 * 1024
+FLOW_CHUNK = 16 * 1024
+
+
+class FlowWriter:
+    """On b"go": write FLOW_TOTAL bytes in FLOW_CHUNKs while not paused (with the
+    transport's default limits unless ``limits``), go on at resume_writing, close at
+    the end. Records the buffer size at each pause and resume."""
+
+    limits = None
+    fail_in = ()  # flow callbacks that raise (after recording)
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if self.limits is not None:
+            transport.set_write_buffer_limits(**self.limits)
+        self.rec.checks["limits"] = transport.get_write_buffer_limits()
+        self.rec.checks["at_pause"] = []
+        self.rec.checks["at_resume"] = []
+        self.paused = False
+        self.sent = 0
+
+    def data_received(self, data):
+        super().data_received(data)
+        if b"go" in data:
+            self.produce()
+
+    def produce(self):
+        t = self.transport
+        while not self.paused and self.sent < FLOW_TOTAL:
+            n = min(FLOW_CHUNK, FLOW_TOTAL - self.sent)
+            t.write(tp.pattern(self.sent, n))
+            self.sent += n
+        if self.sent >= FLOW_TOTAL and not t.is_closing():
+            t.close()
+
+    def pause_writing(self):
+        super().pause_writing()
+        self.paused = True
+        self.rec.checks["at_pause"].append(self.transport.get_write_buffer_size())
+        if "pause_writing" in self.fail_in:
+            raise ValueError("boom in pause_writing")
+
+    def resume_writing(self):
+        super().resume_writing()
+        self.paused = False
+        self.rec.checks["at_resume"].append(self.transport.get_write_buffer_size())
+        if "resume_writing" in self.fail_in:
+            # produce first, as a protocol that fails late would
+            self.transport.get_extra_info("peername")
+            try:
+                self.produce()
+            finally:
+                raise ValueError("boom in resume_writing")
+        self.produce()
+
+
+def run_flow_writer(backend, P, **kwargs):
+    """The writer against a client that reads nothing for a while, then everything.
+    Returns (callbacks while stalled, the record, the runner)."""
+    with running(backend, P, **kwargs) as r:
+        with r.connect() as c:
+            c.sendall(b"go")
+            assert wait_until(lambda: P.log.count("pause_writing") >= 1), \
+                "pause_writing was never called"
+            time.sleep(0.3)
+            rec = tp.only_conn(P.log)
+            stalled = rec.names()
+            got = bytearray()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                data = c.recv(1 << 16)
+                if not data:
+                    break
+                got += data
+        wait_lost(P.log)
+    assert len(got) == FLOW_TOTAL
+    assert bytes(got) == b"".join(tp.pattern(o, min(FLOW_CHUNK, FLOW_TOTAL - o))
+                                  for o in range(0, FLOW_TOTAL, FLOW_CHUNK))
+    return stalled, rec, r
+
+
+@pytest.mark.parametrize("limits", [None, {"high": 256 * 1024}, {"high": 4096, "low": 0}])
+def test_pause_writing_called_as_often_as_asyncio(limits):
+    """The same writer on both backends: while the peer reads nothing, exactly one
+    pause_writing and no resume_writing (the kernel's buffers fill first, then the
+    transport's); once the peer reads, as many pauses as asyncio, within a small
+    tolerance (how often the writer outruns the reader depends on scheduling)."""
+    fss()
+    counts = {}
+    for backend in ("asyncio", "fast"):
+        P = make_protocol(FlowWriter)
+        P.limits = limits
+        stalled, rec, _ = run_flow_writer(backend, P)
+        low, high = rec.checks["limits"]
+        assert stalled.count("pause_writing") == 1, (backend, stalled)
+        assert stalled.count("resume_writing") == 0, (backend, stalled)
+        names = rec.seq(flow=True)
+        flow = names[2:-1]
+        assert flow == ["pause_writing", "resume_writing"] * (len(flow) // 2), (backend, names)
+        assert names[-1] == "connection_lost(None)"
+        assert all(high < b <= high + FLOW_CHUNK for b in rec.checks["at_pause"]), \
+            (backend, rec.checks["at_pause"])
+        assert all(b <= low for b in rec.checks["at_resume"]), (backend, rec.checks)
+        counts[backend] = flow.count("pause_writing")
+    assert abs(counts["fast"] - counts["asyncio"]) <= max(3, counts["asyncio"] // 2), counts
+
+
+@pytest.mark.parametrize("where", ["pause_writing", "resume_writing"])
+def test_flow_callback_exception_goes_to_the_error_handler(backend, where):
+    """asyncio sends an exception from pause_writing()/resume_writing() to the loop's
+    exception handler and leaves the connection open; here it goes to handle_error."""
+    P = make_protocol(FlowWriter)
+    P.fail_in = (where,)
+    errors = []
+    kwargs = {}
+    if backend == "fast":
+        kwargs["attrs"] = {"handle_error": tp.ErrorRecordingServer.handle_error,
+                           "errors": errors}
+    stalled, rec, r = run_flow_writer(backend, P, **kwargs)
+    names = rec.seq(flow=True)
+    assert names[-1] == "connection_lost(None)", names
+    if backend == "asyncio":
+        # (asyncio 3.11 also reports its own double _call_connection_lost when a
+        # protocol closes from resume_writing: not the protocol's failure)
+        ours = [ctx for ctx in r.loop_errors if ctx["message"].startswith("protocol.")]
+        reported = [ctx["exception"] for ctx in ours]
+        messages = {ctx["message"] for ctx in ours}
+        assert messages == {f"protocol.{where}() failed"}, messages
+    else:
+        reported = [exc for _request, _addr, exc in errors]
+        assert all(req is rec.transport for req, _a, _e in errors)
+    assert reported and all(isinstance(e, ValueError) and where in str(e) for e in reported)
+    assert len(reported) == names.count(where), (reported, names)
+
+
+class BufferSizeProbe:
+    """On b"small": write 1000 bytes and record the buffer size; on b"big": write
+    16 MiB at once (the client reads nothing yet) and record it."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        t = self.transport
+        if data == b"small":
+            t.write(b"s" * 1000)
+            self.rec.checks["small"] = t.get_write_buffer_size()
+        elif data == b"big":
+            t.write(b"b" * (16 << 20))
+            self.rec.checks["big"] = t.get_write_buffer_size()
+            self.rec.checks["big_paused"] = self.rec.names().count("pause_writing")
+            t.close()
+
+
+def test_write_buffer_size_is_what_the_socket_did_not_take(backend):
+    """asyncio's write() sends at once, so its buffer holds only what the socket
+    refused: 0 after a small write to an idle connection, the excess after a large
+    one (with pause_writing called)."""
+    P = make_protocol(BufferSizeProbe)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(b"small")
+            assert recv_exactly(c, 1000) == b"s" * 1000
+            c.sendall(b"big")
+            assert wait_until(lambda: "big" in tp.only_conn(P.log).checks)
+            assert len(recv_until_eof(c)) == 16 << 20
+        wait_lost(P.log)
+    checks = tp.only_conn(P.log).checks
+    assert checks["small"] == 0
+    assert 64 * 1024 < checks["big"] < 16 << 20
+    assert checks["big_paused"] == 1
+
+
+class LimitArgs:
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        c = self.rec.checks
+        for args in [dict(high=-1), dict(low=-1), dict(high=10, low=11),
+                     dict(high=-4, low=-1), dict(high=0), dict(high=0, low=0),
+                     dict(low=0), dict(high=3), dict(low=5), dict(high=7, low=7)]:
+            try:
+                transport.set_write_buffer_limits(**args)
+            except ValueError as exc:
+                c[str(args)] = ("ValueError", str(exc))
+            else:
+                c[str(args)] = transport.get_write_buffer_limits()
+        try:
+            transport.set_write_buffer_limits("x")
+        except TypeError:
+            c["str"] = "TypeError"
+        c["size"] = transport.get_write_buffer_size()
+        transport.set_write_buffer_limits()
+        c["default"] = transport.get_write_buffer_limits()
+        transport.write(b"ok")
+        transport.close()
+
+
+def test_write_buffer_limit_arguments_as_asyncio(backend):
+    P = make_protocol(LimitArgs)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            assert recv_until_eof(c) == b"ok"
+        wait_lost(P.log)
+    checks = tp.only_conn(P.log).checks
+    assert checks == {
+        "{'high': -1}": ("ValueError", "high (-1) must be >= low (-1) must be >= 0"),
+        "{'low': -1}": ("ValueError", "high (-4) must be >= low (-1) must be >= 0"),
+        "{'high': 10, 'low': 11}": ("ValueError", "high (10) must be >= low (11) must be >= 0"),
+        "{'high': -4, 'low': -1}": ("ValueError", "high (-4) must be >= low (-1) must be >= 0"),
+        "{'high': 0}": (0, 0),
+        "{'high': 0, 'low': 0}": (0, 0),
+        "{'low': 0}": (0, 0),
+        "{'high': 3}": (0, 3),
+        "{'low': 5}": (5, 20),
+        "{'high': 7, 'low': 7}": (7, 7),
+        "str": "TypeError",
+        "size": 0,
+        "default": (16 * 1024, 64 * 1024),
+    }
+
+
+# ---------------------------------------------------------------------------
+# 8. asyncio.BufferedProtocol on stream connections
+# ---------------------------------------------------------------------------
+
+class BufferedRecording:
+    """A BufferedProtocol recording get_buffer/buffer_updated; ``size`` is the length
+    of each buffer it hands out; data arrives in ``rec.data``."""
+
+    size = 65536
+    give = "bytearray"  # or "memoryview", "empty", "bytes", "raise"
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.buf = bytearray(self.size)
+
+    def get_buffer(self, sizehint):
+        self.rec.add("get_buffer", sizehint)
+        if self.give == "raise":
+            self.raised = ValueError("boom in get_buffer")
+            raise self.raised
+        if self.give == "empty":
+            return bytearray()
+        if self.give == "bytes":
+            return bytes(self.size)
+        if self.give == "memoryview":
+            return memoryview(self.buf)[: self.size]
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        assert 0 < nbytes <= self.size
+        chunk = bytes(self.buf[:nbytes])
+        self.rec.data += chunk
+        self.rec.add("buffer_updated", nbytes)
+        self.on_chunk(chunk)
+
+    def on_chunk(self, chunk):
+        self.transport.write(chunk)
+
+
+def buffered_seq(rec):
+    """The callback sequence with each get_buffer + buffer_updated pair as "data" and
+    runs of those collapsed (their number depends on how the bytes arrive)."""
+    events = list(rec.events)
+    out = []
+    i = 0
+    while i < len(events):
+        name = events[i][0]
+        if (name == "get_buffer" and i + 1 < len(events)
+                and events[i + 1][0] == "buffer_updated"):
+            if not out or out[-1] != "data":
+                out.append("data")
+            i += 2
+            continue
+        if name == "connection_lost":
+            name = f"{name}({tp.exc_name(events[i][1])})"
+        out.append(name)
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+@pytest.mark.parametrize("give", ["bytearray", "memoryview"])
+def test_buffered_protocol_echo(backend, kind, give):
+    P = make_protocol(BufferedRecording, base=asyncio.BufferedProtocol)
+    P.give = give
+    payload = bytes(range(256)) * 1000
+    with running(backend, P, kind) as r:
+        with r.connect() as c:
+            c.sendall(b"hello")
+            assert recv_exactly(c, 5) == b"hello"
+            c.sendall(payload)
+            assert recv_exactly(c, len(payload)) == payload
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert bytes(rec.data) == b"hello" + payload
+    names = rec.names()
+    assert "data_received" not in names
+    assert all(ev[1] == -1 for ev in rec.events if ev[0] == "get_buffer")
+    # every buffer_updated follows its own get_buffer; one more get_buffer finds the EOF
+    assert names.count("get_buffer") == names.count("buffer_updated") + 1, names
+    assert buffered_seq(rec) == ["connection_made", "data", "get_buffer", "eof_received",
+                                 "connection_lost(None)"], names
+
+
+class DuckBuffered:
+    """Duck-typed: no asyncio base class, no data_received."""
+
+    made: list = []
+
+    def __init__(self):
+        self.events = []
+        DuckBuffered.made.append(self)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = bytearray(3)
+        self.events.append("connection_made")
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.events.append(bytes(self.buf[:nbytes]))
+        self.transport.write(self.buf[:nbytes])
+
+    def eof_received(self):
+        self.events.append("eof_received")
+
+    def connection_lost(self, exc):
+        self.events.append("connection_lost")
+
+
+def test_fast_duck_typed_buffered_protocol():
+    """A class with get_buffer/buffer_updated and no data_received is served as a
+    buffered protocol (asyncio itself only checks isinstance BufferedProtocol)."""
+    fss()
+    made = DuckBuffered.made
+    made.clear()
+    assert fss()._servers._is_protocol_class(DuckBuffered)
+    with running("fast", DuckBuffered) as r:
+        with r.connect() as c:
+            c.sendall(b"duck!")
+            assert recv_exactly(c, 5) == b"duck!"
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        assert wait_until(lambda: made and "connection_lost" in made[0].events)
+    events = made[0].events
+    assert events[0] == "connection_made"
+    assert b"".join(e for e in events if isinstance(e, bytes)) == b"duck!"
+    assert events[-2:] == ["eof_received", "connection_lost"]
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.sampled_from([1, 3, 7, 100, 4096]),
+       segments=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=8))
+def test_buffered_protocol_small_buffers_and_segmentation(backend, size, segments):
+    """Any buffer size, any segmentation: the bytes arrive whole and in order, no
+    buffer_updated larger than its buffer (checked in the protocol)."""
+    P = make_protocol(BufferedRecording, base=asyncio.BufferedProtocol)
+    P.size = size
+    payload = b"".join(segments)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            for seg in segments:
+                c.sendall(seg)
+            assert recv_exactly(c, len(payload)) == payload
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert bytes(rec.data) == payload
+    assert buffered_seq(rec)[-3:] == ["get_buffer", "eof_received", "connection_lost(None)"]
+
+
+@pytest.mark.parametrize("give,exc", [("raise", "ValueError"), ("empty", "RuntimeError"),
+                                      ("bytes", "TypeError")])
+def test_buffered_protocol_bad_get_buffer(backend, give, exc):
+    """get_buffer() raising, or returning an empty or read-only buffer, fails that
+    connection: connection_lost(exc), the error reported, other connections served."""
+    P = make_protocol(BufferedRecording, base=asyncio.BufferedProtocol)
+    errors = []
+    kwargs = {}
+    if backend == "fast":
+        kwargs["attrs"] = {"handle_error": tp.ErrorRecordingServer.handle_error,
+                           "errors": errors}
+    with running(backend, P, **kwargs) as r:
+        with r.connect() as good:
+            good.sendall(b"one")
+            assert recv_exactly(good, 3) == b"one"
+            with r.connect() as bad:
+                wait_conns(P.log, 2)
+                P.log.conns[1].proto.give = give  # before its first get_buffer
+                bad.sendall(b"two")
+                assert tp.peer_end(bad) in ("eof", "reset")
+            wait_lost(P.log)
+            good.sendall(b"three")
+            assert recv_exactly(good, 5) == b"three"
+        wait_lost(P.log, 2)
+    rec = P.log.conns[1]
+    assert rec.names() == ["connection_made", "get_buffer", "connection_lost"], rec.names()
+    assert type(rec.lost_exc).__name__ == exc
+    if give == "empty":
+        assert str(rec.lost_exc) == "get_buffer() returned an empty buffer"
+    if give == "raise":
+        assert rec.lost_exc is rec.proto.raised
+    if backend == "asyncio":
+        assert [type(ctx["exception"]).__name__ for ctx in r.loop_errors] == [exc]
+    else:
+        assert [type(e).__name__ for _r, _a, e in errors] == [exc]
+        assert errors[0][2] is rec.lost_exc
+
+
+class BufferedEmptyAtEof(BufferedRecording):
+    """Gives a buffer for data, an empty one after the peer's b"!" (so the read that
+    finds the end of stream fails)."""
+
+    def get_buffer(self, sizehint):
+        if self.rec.data.endswith(b"!"):
+            self.give = "empty"
+        return super().get_buffer(sizehint)
+
+
+def test_buffered_protocol_empty_buffer_at_eof(backend):
+    P = make_protocol(BufferedEmptyAtEof, base=asyncio.BufferedProtocol)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(b"data!")
+            assert recv_exactly(c, 5) == b"data!"
+            c.shutdown(socket.SHUT_WR)
+            assert tp.peer_end(c) in ("eof", "reset")
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    names = rec.names()
+    assert "eof_received" not in names, names
+    assert names[-2:] == ["get_buffer", "connection_lost"], names
+    assert isinstance(rec.lost_exc, RuntimeError)
+
+
+class BufferedCloseAfterFirst(BufferedRecording):
+    """A 4-byte buffer; closes the transport at the first buffer_updated."""
+    size = 4
+
+    def on_chunk(self, chunk):
+        self.transport.write(chunk)
+        self.transport.close()
+
+
+def test_buffered_protocol_close_in_buffer_updated_stops_delivery(backend):
+    P = make_protocol(BufferedCloseAfterFirst, base=asyncio.BufferedProtocol)
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(b"abcdefghij")
+            # (the rest unread at the close: asyncio then resets the connection)
+            assert tp.peer_end(c) in ("eof", "reset")
+        wait_lost(P.log)
+    rec = tp.only_conn(P.log)
+    assert bytes(rec.data) == b"abcd"
+    assert rec.names() == ["connection_made", "get_buffer", "buffer_updated",
+                           "connection_lost"], rec.names()
+
+
+class BufferedPauseAtFirst(BufferedRecording):
+    """A 4-byte buffer; pauses reading at the first buffer_updated."""
+    size = 4
+
+    def on_chunk(self, chunk):
+        self.transport.write(chunk)
+        if len(self.rec.data) == len(chunk):
+            self.transport.pause_reading()
+
+
+def test_buffered_protocol_pause_reading_in_buffer_updated(backend):
+    P = make_protocol(BufferedPauseAtFirst, base=asyncio.BufferedProtocol)
+    payload = bytes(range(256)) * 40
+    with running(backend, P) as r:
+        with r.connect() as c:
+            c.sendall(payload)
+            assert recv_exactly(c, 4) == payload[:4]
+            time.sleep(0.2)
+            rec = tp.only_conn(P.log)
+            assert bytes(rec.data) == payload[:4]
+            call_soon(r, rec.transport.resume_reading)
+            assert recv_exactly(c, len(payload) - 4) == payload[4:]
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b""
+        wait_lost(P.log)
+    assert bytes(rec.data) == payload
+    assert buffered_seq(rec) == ["connection_made", "data", "get_buffer", "eof_received",
+                                 "connection_lost(None)"]
+
+
+# ---------------------------------------------------------------------------
+# 9. the loop's end: datagram endpoints, the listener, forked children
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["server_close", "dropped"])
+def test_fast_loop_end_ends_the_datagram_transport(how):
+    """server_close(), or the server collected without it: the datagram protocol gets
+    connection_lost(None) once and its transport is dead (no sendto, no socket made
+    on what may by now be another descriptor's number)."""
+    fss()
+    P = make_dgram_protocol()
+    holder = {"server": fss().UDPServer(("127.0.0.1", 0), P)}
+    address = holder["server"].server_address
+    t = threading.Thread(target=holder["server"].serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    try:
+        wait_conns(P.log, 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(CLIENT_TIMEOUT)
+            c.sendto(b"ping", address)
+            assert wait_until(lambda: P.log.count("datagram_received") == 1)
+    finally:
+        holder["server"].shutdown()
+        t.join(ROUND_TIMEOUT)
+    assert not t.is_alive()
+    rec = tp.only_conn(P.log)
+    transport = rec.transport
+    assert not transport.is_closing()
+    if how == "server_close":
+        holder["server"].server_close()
+    else:
+        with pytest.warns(ResourceWarning):  # the server's socket, as the stdlib's
+            holder.clear()
+            gc.collect()
+    assert rec.names().count("connection_lost") == 1, rec.names()
+    assert rec.lost_exc is None
+    assert transport.is_closing()
+    # the descriptor number is free now: whatever gets it is not the transport's
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        assert transport.get_extra_info("socket") is None
+        transport.sendto(b"ignored", ("127.0.0.1", 9))  # dropped without a word
+    gc.collect()
+    assert rec.names().count("connection_lost") == 1, rec.names()
+
+
+class ForkInCallback:
+    """On b"fork": os.fork(). The parent answers b"forked"; the child ends its copy of
+    the loop (``child_end``: server_close() in the callback, or it leaves the loop
+    with SystemExit, then closes or drops it) and exits. Anything else is echoed."""
+
+    holder: dict
+    child_end = "server_close"
+
+    def data_received(self, data):
+        super().data_received(data)
+        if data != b"fork":
+            self.transport.write(data)
+            return
+        pid = os.fork()
+        if pid:
+            self.holder["children"].append(pid)
+            self.transport.write(b"forked")
+            return
+        # the child
+        self.holder["child"] = True
+        if self.child_end == "server_close":
+            self.holder["server"].server_close()  # finished when this round ends
+        else:
+            raise SystemExit("child")
+
+
+def _wait_child(pid, timeout=ROUND_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child did not exit")
+
+
+@pytest.mark.parametrize("child_end", ["server_close", "close", "dropped"])
+def test_fast_forked_child_leaves_the_parents_poller_alone(child_end):
+    """A child forked in a callback shares the parent's epoll instance: when it closes
+    (or drops) its copy of the loop, the parent's connections and listener stay
+    registered; the parent goes on serving both."""
+    fss()
+    P = make_protocol(ForkInCallback)
+    holder = {"children": []}
+    P.holder = holder
+    P.child_end = child_end
+    holder["server"] = fss().TCPServer(("127.0.0.1", 0), P)
+    address = holder["server"].server_address
+    parent = os.getpid()
+
+    def serve():
+        try:
+            holder["server"].serve_forever(0.05)
+        except SystemExit:
+            if os.getpid() == parent:
+                raise
+        finally:
+            if os.getpid() != parent:
+                # the child: drop its copy of the loop (or what close left), then go
+                code = 0
+                try:
+                    server = holder.pop("server")
+                    loop = server._BaseServer__reactor
+                    if child_end == "server_close":
+                        assert loop is None
+                    else:
+                        # (its stale flag says whose it is: exit code 5 if not)
+                        code = 0 if getattr(loop, "stale", None) is True else 5
+                        if child_end == "close":
+                            loop.close()  # with the listener still open here
+                        server._BaseServer__reactor = None
+                        del loop, server
+                        gc.collect()
+                except BaseException:
+                    code = 3
+                os._exit(code)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as a:
+            with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as b:
+                a.sendall(b"one")
+                assert recv_exactly(a, 3) == b"one"
+                b.sendall(b"fork")
+                assert recv_exactly(b, 6) == b"forked"
+                assert len(holder["children"]) == 1
+                child_code = _wait_child(holder["children"][0])
+                # the parent's registrations are intact: the listener's (the child's
+                # close does not deregister it by number) ...
+                with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as c:
+                    c.sendall(b"new")
+                    assert recv_exactly(c, 3) == b"new"
+                # ... and the connections' (nor does it or its drop deregister those)
+                a.sendall(b"two")
+                assert recv_exactly(a, 3) == b"two"
+                b.sendall(b"three")
+                assert recv_exactly(b, 5) == b"three"
+        assert child_code == 0
+    finally:
+        holder["server"].shutdown()
+        t.join(ROUND_TIMEOUT)
+        holder["server"].server_close()
+    assert not t.is_alive()

@@ -1,4 +1,4 @@
-"""Generic socket server classes, with a Rust engine.
+"""The classes of Python's ``socketserver`` (servers, mix-ins, handlers) on a Rust engine.
 
 ``import fastsocketserver as socketserver`` is a drop-in for the standard library's
 ``socketserver``: the same names, class hierarchy, mix-ins, attributes, defaults and

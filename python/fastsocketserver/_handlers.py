@@ -19,11 +19,12 @@ __all__ = ["BaseRequestHandler", "StreamRequestHandler", "DatagramRequestHandler
 
 
 class BaseRequestHandler:
-    """Base class for request handler classes.
+    """The object a server makes for each request; a service subclasses it and defines
+    ``handle()``.
 
-    This class is instantiated for each request to be handled. The constructor sets the
-    instance variables ``request``, ``client_address`` and ``server``, and then calls
-    ``setup()``, ``handle()`` and (always) ``finish()``.
+    The constructor stores ``request``, ``client_address`` and ``server`` on the
+    instance, then runs ``setup()``, ``handle()`` and ``finish()``; ``finish()`` runs
+    even when ``handle()`` raises.
     """
 
     def __init__(self, request: Any, client_address: Any, server: Any) -> None:
@@ -47,17 +48,19 @@ class BaseRequestHandler:
 
 
 class StreamRequestHandler(BaseRequestHandler):
-    """Define self.rfile and self.wfile for stream sockets."""
+    """A handler for a stream connection (``self.connection``), read through ``rfile``
+    and written through ``wfile``."""
 
-    # Default buffer sizes for rfile, wfile. The default read buffer size is
-    # io.DEFAULT_BUFFER_SIZE; a write buffer size of 0 sends every write at once.
+    # rfile's buffer: -1 is io.DEFAULT_BUFFER_SIZE. wfile's: 0 sends each write before
+    # it returns; a positive size lets writes collect, sent at the latest when the
+    # buffer fills, at flush() or at close.
     rbufsize = -1
     wbufsize = 0
 
-    # A timeout to apply to the request socket, if not None.
+    # setup() gives the connection this timeout (settimeout) unless it is None.
     timeout: float | None = None
 
-    # Disable nagle algorithm for this socket, if True.
+    # True: setup() sets TCP_NODELAY, so small writes leave without waiting.
     disable_nagle_algorithm = False
 
     def setup(self) -> None:
@@ -80,8 +83,8 @@ class StreamRequestHandler(BaseRequestHandler):
             try:
                 self.wfile.flush()
             except OSError:
-                # A final socket error may have occurred here, such as the local error
-                # ECONNABORTED.
+                # The connection may be broken by now (ECONNABORTED, say); the files
+                # are closed all the same.
                 pass
         self.wfile.close()
         self.rfile.close()
@@ -106,7 +109,8 @@ class _SocketWriter(BufferedIOBase):
 
 
 class DatagramRequestHandler(BaseRequestHandler):
-    """Define self.rfile and self.wfile for datagram sockets."""
+    """A handler for one datagram: ``rfile`` reads the packet, and what the handler
+    writes to ``wfile`` is sent back to the client by ``finish()``."""
 
     def setup(self) -> None:
         self.packet, self.socket = self.request

@@ -21,57 +21,67 @@ __all__ = ["ThreadingMixIn", "ForkingMixIn"]
 
 
 class ForkingMixIn:
-    """Mix-in class to handle each request in a new process."""
+    """Mix-in that runs each request in a child process of its own (``os.fork()``).
+
+    Finished children are reaped between requests; with ``max_children`` alive the
+    server waits for one to exit before it takes the next request. Protocol handlers
+    are refused.
+    """
 
     timeout: float | None = 300
     active_children: set[int] | None = None
     # Protocol handlers run on the server's event loop, which forking would duplicate.
     _serves_protocols = False
     max_children = 40
-    # If true, server_close() waits until all child processes complete.
+    # server_close() waits for the children still running unless this is false.
     block_on_close = True
 
     def collect_children(self, *, blocking: bool = False) -> None:
-        """Internal routine to wait for children that have exited."""
-        if self.active_children is None:
+        """Reap the children that have exited; with ``blocking``, wait for all of them.
+
+        While ``max_children`` or more are alive, it first waits for any child to exit,
+        until fewer are left.
+        """
+        children = self.active_children
+        if children is None:
             return
-        # If we're above the max number of children, wait and reap them until we go
-        # back below threshold.
-        while len(self.active_children) >= self.max_children:
+        # At the cap, wait for whichever child exits first: one waitpid() per exit
+        # instead of one per child. That may reap a child this server did not fork,
+        # which is why it is done only at the cap.
+        while len(children) >= self.max_children:
             try:
-                pid, _ = os.waitpid(-1, 0)
-                self.active_children.discard(pid)
+                pid, _status = os.waitpid(-1, 0)
             except ChildProcessError:
-                # we don't have any children, we're done
-                self.active_children.clear()
+                children.clear()  # the process has no child left: none of ours runs
             except OSError:
                 break
-        # Now reap all defunct children.
-        for pid in self.active_children.copy():
+            else:
+                children.discard(pid)
+        options = 0 if blocking else os.WNOHANG
+        for pid in children.copy():
             try:
-                flags = 0 if blocking else os.WNOHANG
-                pid, _ = os.waitpid(pid, flags)
-                # if the child hasn't exited yet, pid will be 0 and ignored by discard()
-                self.active_children.discard(pid)
+                exited, _status = os.waitpid(pid, options)
             except ChildProcessError:
-                # someone else reaped it
-                self.active_children.discard(pid)
+                children.discard(pid)  # reaped elsewhere already
             except OSError:
-                pass
+                continue
+            else:
+                children.discard(exited)  # 0 for a child still running: nothing removed
 
     def handle_timeout(self) -> None:
-        """Wait for zombies after self.timeout seconds of inactivity."""
+        """Reap finished children when ``handle_request()`` times out."""
         self.collect_children()
 
     def service_actions(self) -> None:
-        """Collect the zombie child processes regularly in the serve_forever loop."""
+        """Reap finished children after every round of ``serve_forever()``."""
         self.collect_children()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Fork a new subprocess to process the request."""
+        """Fork: the child handles the request and exits (status 0, or 1 if the handler
+        raised, reported through ``handle_error()``); the parent records the child's
+        pid, closes its own copy of the request and returns to the loop."""
         pid = os.fork()
         if pid:
-            # Parent process
             if self.active_children is None:
                 self.active_children = set()
             self.active_children.add(pid)
@@ -120,7 +130,7 @@ class _Threads:
 
 
 class _NoThreads:
-    """Degenerate version of _Threads, used when ``block_on_close`` is false."""
+    """Stand-in for ``_Threads`` while ``block_on_close`` is false: nothing is waited for."""
 
     def __len__(self) -> int:
         return 0
@@ -148,7 +158,7 @@ threading._register_atexit(_stop_pools_at_exit)  # type: ignore[attr-defined]
 
 
 class ThreadingMixIn:
-    """Mix-in class to handle each request in a new thread.
+    """Mix-in that runs each request concurrently, on a thread of its own.
 
     Requests run on a pool of worker threads managed by the engine, reused across
     requests, grown on demand and retired after ``worker_idle_timeout`` seconds idle.
@@ -157,9 +167,9 @@ class ThreadingMixIn:
     finishes, and new clients wait in the listen backlog.
     """
 
-    # Decides how threads will act upon termination of the main process.
+    # True: neither server_close() nor interpreter exit waits for requests still running.
     daemon_threads = False
-    # If true, server_close() waits until all non-daemonic threads terminate.
+    # server_close() waits for the non-daemonic requests in flight unless this is false.
     block_on_close = True
     # The cap on concurrent handler threads (None: unbounded).
     max_threads: int | None = None
@@ -181,7 +191,8 @@ class ThreadingMixIn:
         return pool
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Same as in BaseServer but as a thread; exception handling is done here."""
+        """Run one request on a worker thread: ``finish_request()``, ``handle_error()``
+        if that raises, and ``shutdown_request()`` in any case."""
         try:
             self.finish_request(request, client_address)  # type: ignore[attr-defined]
         except _HANDLED:

@@ -57,21 +57,22 @@ def _is_protocol_class(handler: Any) -> bool:
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None and issubclass(handler, asyncio.BaseProtocol):
         return True
-    return hasattr(handler, "data_received") or hasattr(handler, "datagram_received")
+    return any(
+        hasattr(handler, name) for name in ("data_received", "get_buffer", "datagram_received")
+    )
 
 
 class BaseServer:
-    """Base class for server classes.
+    """The request loop and the hooks every server class shares.
 
-    Methods for the caller: ``__init__(server_address, RequestHandlerClass)``,
-    ``serve_forever(poll_interval=0.5)``, ``shutdown()``, ``handle_request()``,
-    ``fileno()``.
-
-    Methods that may be overridden: ``server_bind()``, ``server_activate()``,
-    ``get_request()``, ``handle_timeout()``, ``verify_request()``, ``server_close()``,
-    ``process_request()``, ``shutdown_request()``, ``close_request()``,
-    ``service_actions()``, ``handle_error()``; for derived classes:
-    ``finish_request()``.
+    A caller runs ``serve_forever(poll_interval=0.5)`` (stopped by ``shutdown()``) or
+    ``handle_request()`` for a single request; ``fileno()`` is the listener's descriptor.
+    Subclasses customise ``server_bind()``, ``server_activate()``, ``get_request()``,
+    ``verify_request()``, ``process_request()``, ``finish_request()``,
+    ``shutdown_request()``, ``close_request()``, ``handle_error()``,
+    ``handle_timeout()``, ``service_actions()`` and ``server_close()``. The engine does
+    the waiting; while a hook is the library's own it may do that hook's work itself,
+    and it calls every hook a subclass or instance overrides.
     """
 
     timeout: float | None = None
@@ -82,7 +83,10 @@ class BaseServer:
     _serves_protocols = True
 
     def __init__(self, server_address: Any, RequestHandlerClass: Callable[..., Any]) -> None:
-        """Constructor.  May be extended, do not override."""
+        """Record the address and handler class and set up the loop's state.
+
+        Subclasses extend this (calling it), never replace it.
+        """
         if not self._serves_protocols and _is_protocol_class(RequestHandlerClass):
             raise TypeError(
                 f"{type(self).__name__} cannot run the protocol handler "
@@ -100,7 +104,7 @@ class BaseServer:
         self.__reactor_socket: Any = None
 
     def server_activate(self) -> None:
-        """Called by constructor to activate the server.  May be overridden."""
+        """Hook that makes the server ready for requests; nothing to do here."""
 
     # -- waiting for requests (the engine) ------------------------------------------
 
@@ -212,12 +216,12 @@ class BaseServer:
     # -- the loop --------------------------------------------------------------------
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Handle one request at a time until shutdown.
+        """Serve requests until ``shutdown()`` is called.
 
-        ``poll_interval`` is how often ``service_actions()`` runs while idle;
-        ``shutdown()`` does not wait for it: it wakes the loop at once. The loop itself
-        runs in the engine, in the stdlib's order (wait, check for shutdown, handle,
-        ``service_actions()``), calling every hook a subclass overrides.
+        The loop runs in the engine, in the stdlib's order (wait, check for shutdown,
+        handle the request, ``service_actions()``), and calls every hook a subclass
+        overrides. ``poll_interval`` is how often ``service_actions()`` runs while no
+        request comes; ``shutdown()`` wakes the loop at once, not after it.
         """
         if type(self.__reactor) is _core.EventLoop and self.__reactor.running:
             # From a protocol callback: refused before the running loop's state is touched.
@@ -251,10 +255,10 @@ class BaseServer:
         return reactor.serve(self, poll_interval, self._handle_request_noblock, actions, listener=listener)
 
     def shutdown(self) -> None:
-        """Stops the serve_forever loop.
+        """Stop ``serve_forever()`` and wait until it has returned.
 
-        Blocks until the loop has finished. This must be called while serve_forever()
-        is running in another thread, or it will deadlock.
+        The loop is woken at once, not after ``poll_interval``. Call this from a thread
+        other than the serving one: the serving thread itself would wait forever.
         """
         self.__shutdown_request = True
         reactor = self.__reactor
@@ -263,12 +267,14 @@ class BaseServer:
         self.__is_shut_down.wait()
 
     def service_actions(self) -> None:
-        """Called by the serve_forever() loop.  May be overridden."""
+        """Hook run by ``serve_forever()`` after every round (a request, or
+        ``poll_interval`` without one); a no-op, which the engine skips unless overridden."""
 
     def handle_request(self) -> Any:
-        """Handle one request, possibly blocking.
+        """Wait for one request and handle it, or return ``handle_timeout()``'s result.
 
-        Respects self.timeout and the listening socket's timeout (the smaller wins).
+        The wait is bounded by ``self.timeout`` and the listening socket's own timeout,
+        whichever is shorter; with neither set it waits as long as it takes.
         """
         timeout = self.socket.gettimeout()  # type: ignore[attr-defined]
         if timeout is None:
@@ -293,7 +299,7 @@ class BaseServer:
             self._handle_accepted(*got)
 
     def _handle_request_noblock(self) -> None:
-        """Handle one request, without blocking (the listener is readable)."""
+        """Take a request from ``get_request()`` (the listener is readable) and run it."""
         try:
             request, client_address = self.get_request()
         except OSError:
@@ -314,37 +320,41 @@ class BaseServer:
             self.shutdown_request(request)
 
     def handle_timeout(self) -> None:
-        """Called if no new request arrives within self.timeout."""
+        """Hook run when ``handle_request()``'s wait expires without a request; a no-op."""
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Verify the request.  Return True if we should proceed with this request."""
+        """Hook that admits a request (True) or closes it unhandled (False); admits all."""
         return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Call finish_request.  Overridden by ForkingMixIn and ThreadingMixIn."""
+        """Hook that runs an admitted request: ``finish_request()``, then
+        ``shutdown_request()``. The mix-ins replace it (worker thread, child process)."""
         self.finish_request(request, client_address)
         self.shutdown_request(request)
 
     def server_close(self) -> None:
-        """Called to clean-up the server.  May be overridden."""
+        """Release what the server holds (here, the engine's reactor); extend it."""
         self._close_reactor()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        """Finish one request by instantiating RequestHandlerClass."""
+        """Hook that handles the request: ``RequestHandlerClass(request, client_address, self)``."""
         self.RequestHandlerClass(request, client_address, self)
 
     def shutdown_request(self, request: Any) -> None:
-        """Called to shutdown and close an individual request."""
+        """Hook that ends a handled (or refused) request; here it calls ``close_request()``."""
         self.close_request(request)
 
     def close_request(self, request: Any) -> None:
-        """Called to clean up an individual request."""
+        """Hook that releases a request's resources; nothing to release here."""
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """Handle an error gracefully.  May be overridden.
+        """Report an exception raised while a request was processed; serving goes on.
 
-        The default is to print a traceback and continue.
+        It runs inside the ``except`` block, so ``sys.exc_info()`` holds the exception.
+        The default prints the client address and the traceback to stderr.
         """
+        # This banner and layout are the stdlib's output, kept to the letter on purpose:
+        # logs and tests written against socketserver match them.
         print("-" * 40, file=sys.stderr)
         print("Exception occurred during processing of request from", client_address, file=sys.stderr)
         import traceback
@@ -360,12 +370,14 @@ class BaseServer:
 
 
 class TCPServer(BaseServer):
-    """Base class for various socket-based server classes: synchronous TCP by default.
+    """A server on a ``socket.socket`` it creates itself; by default a TCP stream server
+    that handles one request at a time.
 
-    Class variables that may be overridden: ``timeout``, ``address_family``,
-    ``socket_type``, ``request_queue_size``, ``allow_reuse_address``,
-    ``allow_reuse_port``. Instance variables: ``server_address``,
-    ``RequestHandlerClass``, ``socket``.
+    The socket is made from the class attributes ``address_family`` and
+    ``socket_type``; ``server_bind()`` honours ``allow_reuse_address`` and
+    ``allow_reuse_port``, ``server_activate()`` listens with a backlog of
+    ``request_queue_size``. Instances have ``server_address`` (the bound address),
+    ``RequestHandlerClass`` and ``socket``.
     """
 
     address_family = socket.AF_INET
@@ -380,7 +392,11 @@ class TCPServer(BaseServer):
         RequestHandlerClass: Callable[..., Any],
         bind_and_activate: bool = True,
     ) -> None:
-        """Constructor.  May be extended, do not override."""
+        """Create ``self.socket``; with ``bind_and_activate``, also call ``server_bind()``
+        and ``server_activate()``, closing the server if either raises.
+
+        Subclasses extend this (calling it), never replace it.
+        """
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self.socket = socket.socket(self.address_family, self.socket_type)
         if bind_and_activate:
@@ -392,7 +408,12 @@ class TCPServer(BaseServer):
                 raise
 
     def server_bind(self) -> None:
-        """Called by constructor to bind the socket.  May be overridden."""
+        """Bind ``self.socket`` to ``server_address``, then store the address it got.
+
+        SO_REUSEADDR and SO_REUSEPORT are set first when ``allow_reuse_address`` and
+        ``allow_reuse_port`` ask for them (and the platform has them); afterwards
+        ``server_address`` is what ``getsockname()`` reports (the port chosen for 0, say).
+        """
         if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -401,39 +422,48 @@ class TCPServer(BaseServer):
         self.server_address = self.socket.getsockname()
 
     def server_activate(self) -> None:
-        """Called by constructor to activate the server.  May be overridden."""
+        """Listen on ``self.socket``, with a backlog of ``request_queue_size``."""
         self.socket.listen(self.request_queue_size)
 
     def server_close(self) -> None:
-        """Called to clean-up the server.  May be overridden."""
+        """Close the engine's reactor, then the listening socket."""
         self._close_reactor()
         self.socket.close()
 
     def fileno(self) -> int:
-        """Return socket file number (the interface required by selectors)."""
+        """The listening socket's descriptor (what a selector waits on); -1 once closed."""
         return self.socket.fileno()
 
     def get_request(self) -> Any:
-        """Get the request and client address from the socket.  May be overridden."""
+        """Accept a connection: ``(connection, client_address)``.
+
+        While this is the library's own, the engine accepts inside its wait instead of
+        calling it.
+        """
         return self.socket.accept()
 
     def shutdown_request(self, request: Any) -> None:
-        """Called to shutdown and close an individual request."""
+        """Send the end of the stream, then ``close_request()``.
+
+        For the connections it accepts, the engine does the same itself while every
+        dispatch hook is the library's own.
+        """
         try:
-            # explicitly shutdown.  socket.close() merely releases the socket and waits
-            # for GC to perform the actual close.
+            # close() alone would not end the stream while a makefile() object or any
+            # other reference still holds the socket open; SHUT_WR sends the FIN now.
             request.shutdown(socket.SHUT_WR)
         except OSError:
-            pass  # some platforms may raise ENOTCONN here
+            pass  # the peer may be gone already (ENOTCONN): closing is all that is left
         self.close_request(request)
 
     def close_request(self, request: Any) -> None:
-        """Called to clean up an individual request."""
+        """Close the connection."""
         request.close()
 
 
 class UDPServer(TCPServer):
-    """UDP server class."""
+    """A datagram server (UDP by default): each request is one packet, handed to the
+    handler as ``(data, server_socket)``, at most ``max_packet_size`` bytes of it."""
 
     allow_reuse_address = False
     allow_reuse_port = False
@@ -441,20 +471,23 @@ class UDPServer(TCPServer):
     max_packet_size = 8192
 
     def get_request(self) -> Any:
+        """Receive one datagram: ``((data, self.socket), client_address)``.
+
+        While this is the library's own, the engine receives inside its wait instead of
+        calling it.
+        """
         data, client_addr = self.socket.recvfrom(self.max_packet_size)
         return (data, self.socket), client_addr
 
     def server_activate(self) -> None:
-        # No need to call listen() for UDP.
-        pass
+        """Nothing to do: a datagram socket does not listen."""
 
     def shutdown_request(self, request: Any) -> None:
-        # No need to shutdown anything.
+        """A datagram has no stream to shut down: only ``close_request()`` runs."""
         self.close_request(request)
 
     def close_request(self, request: Any) -> None:
-        # No need to close anything.
-        pass
+        """Nothing to close: the socket in the request is the server's own."""
 
 
 class UnixStreamServer(TCPServer):

@@ -26,13 +26,16 @@ __all__ = ["HTTPServer", "ThreadingHTTPServer", "main"]
 class HTTPServer(TCPServer):
     """``http.server.HTTPServer`` on fastsocketserver's ``TCPServer``."""
 
-    allow_reuse_address = 1  # Seems to make sense in testing environment
+    # The stdlib's own value (1), by reference: a restarted server rebinds its port at
+    # once instead of failing while the old connections sit in TIME_WAIT.
+    allow_reuse_address = http.server.HTTPServer.allow_reuse_address
 
     server_name: str
     server_port: int
 
     def server_bind(self) -> None:
-        """Override server_bind to store the server name."""
+        """Bind as ``TCPServer`` does, then record ``server_name`` (the bound host's
+        fully qualified name) and ``server_port``, which the request handlers report."""
         TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name = socket.getfqdn(host)
@@ -52,22 +55,26 @@ def main(argv: list[str] | None = None) -> None:
     ``SimpleHTTPRequestHandler``; the banner, the address choice and the clean exit on
     Ctrl-C are ``http.server.test``'s own.
     """
-    parser = argparse.ArgumentParser(prog="python -m fastsocketserver.http")
+    # The options of ``python -m http.server`` (its --cgi aside), with their defaults.
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsocketserver.http",
+        description="Serve the files of a directory over HTTP, on fastsocketserver.",
+    )
     parser.add_argument("-b", "--bind", metavar="ADDRESS",
-                        help="bind to this address (default: all interfaces)")
+                        help="the address to listen on (default: every address of this host)")
     parser.add_argument("-d", "--directory", default=os.getcwd(),
-                        help="serve this directory (default: current directory)")
+                        help="the directory whose files are served (default: the current one)")
     parser.add_argument("-p", "--protocol", metavar="VERSION", default="HTTP/1.0",
-                        help="conform to this HTTP version (default: %(default)s)")
+                        help="the HTTP version the responses declare (default: %(default)s)")
     parser.add_argument("port", default=8000, type=int, nargs="?",
-                        help="bind to this port (default: %(default)s)")
+                        help="the port to listen on (default: %(default)s)")
     args = parser.parse_args(argv)
 
     class DualStackServer(ThreadingHTTPServer):
         """Accept IPv4 clients on an IPv6 socket too (CPython bpo-38907)."""
 
         def server_bind(self) -> None:
-            # suppress exception when protocol is IPv4
+            # Clearing IPV6_V6ONLY fails on an IPv4 socket, which needs nothing: ignored.
             with contextlib.suppress(Exception):
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()

@@ -21,7 +21,8 @@ __all__ = ["WSGIServer", "WSGIRequestHandler", "make_server"]
 
 
 class WSGIServer(HTTPServer):
-    """HTTPServer that implements the Python WSGI protocol (PEP 3333)."""
+    """``wsgiref.simple_server.WSGIServer`` on our ``HTTPServer``: it serves the one WSGI
+    (PEP 3333) application given to ``set_app()``."""
 
     application: Callable[..., Any] | None = None
     base_environ: dict[str, str]
@@ -32,7 +33,8 @@ class WSGIServer(HTTPServer):
     set_app = simple_server.WSGIServer.set_app
 
     def server_bind(self) -> None:
-        """Override server_bind to store the server name and the base environment."""
+        """Bind as ``HTTPServer`` does, then build ``base_environ`` (``setup_environ()``),
+        the environment each request's WSGI environ starts from."""
         HTTPServer.server_bind(self)
         self.setup_environ()
 
@@ -44,7 +46,8 @@ def make_server(
     server_class: type[WSGIServer] = WSGIServer,
     handler_class: type[WSGIRequestHandler] = WSGIRequestHandler,
 ) -> WSGIServer:
-    """Create a new WSGI server listening on ``host`` and ``port`` for ``app``."""
+    """Return a ``server_class`` already listening on ``(host, port)``, serving ``app``
+    through ``handler_class``; ``serve_forever()`` starts it."""
     server = server_class((host, port), handler_class)
     server.set_app(app)
     return server

@@ -18,15 +18,18 @@ __all__ = ["SimpleXMLRPCServer", "ThreadingSimpleXMLRPCServer", "SimpleXMLRPCReq
 
 
 class SimpleXMLRPCServer(TCPServer, SimpleXMLRPCDispatcher):
-    """Simple XML-RPC server: ``register_function``/``register_instance`` and serve.
+    """``xmlrpc.server.SimpleXMLRPCServer`` on our ``TCPServer``: it answers XML-RPC calls
+    with the functions and the instance registered on it.
 
-    Override ``_dispatch`` (from ``SimpleXMLRPCDispatcher``) to change how calls are
-    dispatched, as with the stdlib class.
+    The dispatching is ``SimpleXMLRPCDispatcher``'s, so a ``_dispatch`` override
+    changes it exactly as it would on the stdlib's class.
     """
 
     allow_reuse_address = True
 
-    # For debugging only: sends exception and traceback details to the client.
+    # True adds the exception and its traceback (X-exception, X-traceback headers) to
+    # a 500 response, sent for an error the dispatcher did not turn into a fault. A
+    # debugging aid only: it shows the server's internals to any client.
     _send_traceback_header = False
 
     def __init__(
