@@ -84,6 +84,43 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(kind):
         sup.assert_gone()
 
 
+def test_kill_9_under_load_fails_only_the_victims_requests():
+    with run({"attrs": {"workers": 2}}) as sup:
+        workers = sup.wait_workers(2)
+        errors: list[BaseException] = []
+        answered: list[int] = []
+        stop = threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    answered.append(ask(sup.port, timeout=10))
+                except OSError as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: len(answered) > 20, message="load")
+            victim = min(workers)
+            os.kill(victim, signal.SIGKILL)
+            now = sup.wait_workers(2, exclude={victim})
+            mark = len(answered)
+            wait_for(lambda: len(answered) > mark + 20, message="load after the kill")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(20)
+        # At most the request each client had in flight on the victim failed.
+        assert len(errors) <= len(threads), errors
+        assert all(isinstance(e, (ConnectionError, ValueError)) for e in errors), errors
+        assert set(answered[mark:]) <= now
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
+
+
 def test_a_crash_loop_stops_the_supervisor_with_a_clear_message():
     cfg = {"attrs": {"workers": 2, "crash_limit": 3}, "init_exit": 7}
     with run(cfg) as sup:
@@ -318,7 +355,11 @@ def test_single_process_drain_has_a_deadline():
 def test_max_requests_recycles_workers_without_a_failed_request(kind):
     with run({**kind, "attrs": {"workers": 1, "max_requests": 5}}) as sup:
         first = sup.wait_workers(1)
+        fds = len(os.listdir(f"/proc/{sup.pid}/fd"))
         answered = [ask(sup.port) for _ in range(22)]
+        # Each replaced worker's pipe is closed: once the retiring one is reaped, the
+        # supervisor has the descriptors it had with one worker.
+        wait_for(lambda: len(os.listdir(f"/proc/{sup.pid}/fd")) <= fds, message="the supervisor's fds")
         # Every request answered; a worker answers at most 5 (the last of the 22 may
         # land on a worker still serving its allowance).
         counts = {pid: answered.count(pid) for pid in set(answered)}
@@ -371,7 +412,8 @@ def test_a_busy_worker_is_kept(kind, line):
         (worker,) = sup.wait_workers(1)
         began = time.monotonic()
         assert ask(sup.port, line, timeout=30) == worker
-        assert time.monotonic() - began > 2.0  # it really was busy for twice the timeout
+        # The scenario happened: busy for longer than the timeout (not a speed check).
+        assert time.monotonic() - began > 1.5
         assert sup.workers() == {worker}
         assert ask(sup.port) == worker
         sup.signal(signal.SIGTERM)
