@@ -471,3 +471,26 @@ def test_shutdown_from_another_thread_stops_the_supervisor():
         assert not t.is_alive()
     # Reaped, not left running or as zombies.
     assert all(stat_fields(pid) is None for pid in workers)
+
+
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_a_draining_worker_serves_its_connections_and_takes_no_new_ones(kind):
+    cfg = {**kind, "attrs": {"workers": 1, "graceful_timeout": 20}}
+    with run(cfg) as sup:
+        (old,) = sup.wait_workers(1)
+        with socket.create_connection(("127.0.0.1", sup.port), timeout=10) as held:
+            held.sendall(b"pid\n")
+            assert int(read_answer(held)) == old
+            sup.signal(signal.SIGHUP)
+            # The new worker is ready; the old one drains, kept alive by `held`.
+            new = wait_for(lambda: ask(sup.port) != old and sup.workers() - {old}, message="the new worker")
+            assert old in sup.workers()
+            # New connections all go to the new worker, none to the draining one ...
+            assert {ask(sup.port) for _ in range(30)} <= new
+            # ... which still serves the connection it has.
+            held.sendall(b"pid\n")
+            assert int(read_answer(held)) == old
+        wait_for(lambda: old not in sup.workers(), message="the old worker to exit")
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+        sup.assert_gone()
