@@ -74,6 +74,14 @@ class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
     pass
 
 
+# Extensions, beyond the stdlib's names: not in __all__, and they keep the __module__ of
+# their private submodule, so that the names the stdlib's own test_all collects (classes
+# whose __module__ is this module) stay exactly socketserver's.
+# Pre-forked workers under a supervisor; systemd's socket activation and sd_notify.
+from ._prefork import PreforkMixIn, WorkerCrashLoop  # noqa: E402
+from ._systemd import listen_fds, server_from_fd  # noqa: E402
+from ._systemd import notify as sd_notify  # noqa: E402
+
 # The public classes present themselves as members of this module, as the stdlib's
 # are members of ``socketserver`` (their definitions live in private submodules).
 for _name in __all__:

@@ -387,6 +387,9 @@ pub struct EventLoop {
     closing: AtomicBool,
     /// Open connections (what `connections` reports, also from inside a callback).
     open: AtomicUsize,
+    /// False once `stop_accepting()` was called: the listener is left alone, so that
+    /// a draining process takes no new connection (or datagram) from a shared socket.
+    accepting: AtomicBool,
     /// The process that made the loop. A forked child (`os.fork()` in a callback, say)
     /// shares the parent's epoll instance and eventfd: there the loop never touches
     /// them (see `stale`).
@@ -421,6 +424,10 @@ impl Drop for Running {
 }
 
 impl EventLoop {
+    fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
     /// True inside a round of this loop on the calling thread (a callback, or a signal
     /// handler run while it waits).
     fn running_here(&self) -> bool {
@@ -457,7 +464,7 @@ impl EventLoop {
         }
         self.check_idle(st, now);
         let busy = !st.pending.is_empty()
-            || (st.listener_ready && st.backoff_until.is_none())
+            || (st.listener_ready && st.backoff_until.is_none() && self.accepting())
             || self.stop_wakes.load(Ordering::Acquire) != seen;
         let timeout = if busy {
             Some(Duration::ZERO)
@@ -505,7 +512,7 @@ impl EventLoop {
                 }
             }
         }
-        if st.listener_ready && st.backoff_until.is_none() {
+        if st.listener_ready && st.backoff_until.is_none() && self.accepting() {
             if self.kind == libc::SOCK_DGRAM {
                 self.receive_datagrams(st);
             } else {
@@ -1643,6 +1650,7 @@ impl EventLoop {
             closing: AtomicBool::new(false),
             stop_wakes: AtomicU64::new(0),
             open: AtomicUsize::new(0),
+            accepting: AtomicBool::new(true),
             // SAFETY: getpid has no preconditions.
             pid: unsafe { libc::getpid() },
             forks: fork_count(),
@@ -1792,6 +1800,13 @@ impl EventLoop {
     #[getter]
     fn running(&self) -> bool {
         self.running_here()
+    }
+
+    /// Take no more connections (or datagrams) from the listening socket; the open
+    /// connections are served as before. For a graceful stop: another process sharing
+    /// the socket takes what this one leaves in its queue.
+    fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
     }
 
     /// Open connections.
