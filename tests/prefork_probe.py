@@ -95,7 +95,8 @@ def main() -> int:
     else:
         server = cls(("127.0.0.1", 0), handler)
     with server:
-        print(json.dumps({"port": server.server_address[1], "pid": os.getpid()}), flush=True)
+        print(json.dumps({"port": server.server_address[1], "pid": os.getpid(),
+                          "fd": server.socket.fileno()}), flush=True)
         try:
             server.serve_forever()
         except fss.WorkerCrashLoop as exc:

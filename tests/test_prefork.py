@@ -307,7 +307,21 @@ def test_sighup_replaces_every_worker_without_a_failed_connection(kind):
         sup.assert_gone()
 
 
+def listener_nonblocking(sup) -> bool:
+    """The O_NONBLOCK flag of the listener's open file description (shared by the
+    supervisor and every worker), read from the supervisor's fdinfo."""
+    with open(f"/proc/{sup.pid}/fdinfo/{sup.info['fd']}") as info:
+        for line in info:
+            if line.startswith("flags:"):
+                return bool(int(line.split()[1], 8) & os.O_NONBLOCK)
+    raise AssertionError("no flags line")
+
+
 def test_sigttin_and_sigttou_change_the_worker_count():
+    """Also: a worker that retires leaves the shared listener non-blocking for the
+    others (a worker's engine puts back what it found; the first one found it blocking,
+    and putting that back would make the others wait in accept() instead of their
+    poller)."""
     with run({"attrs": {"workers": 2}}) as sup:
         first = sup.wait_workers(2)
         sup.signal(signal.SIGTTIN)
@@ -316,8 +330,12 @@ def test_sigttin_and_sigttou_change_the_worker_count():
         sup.signal(signal.SIGTTOU)
         two = sup.wait_workers(2)
         assert two < three
+        assert listener_nonblocking(sup)
         sup.signal(signal.SIGTTOU)
         sup.wait_workers(1)
+        time.sleep(0.3)
+        assert listener_nonblocking(sup)
+        assert ask(sup.port) in sup.workers()
         sup.signal(signal.SIGTTOU)  # at least one worker stays
         time.sleep(0.5)
         assert len(sup.wait_workers(1)) == 1

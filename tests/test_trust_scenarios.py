@@ -442,3 +442,65 @@ def test_listener_replaced_while_serving(mod):
         "handle_request_timed_out": True,
         "timeouts": 1,
     }
+
+
+def scenario_forked_child_returns_to_the_loop(mod) -> dict:
+    """A handler forks and the child returns from handle() into serve_forever(), as a
+    careless handler might. The parent stays inside its handler until the child has
+    answered the second client, so only the child's loop can take that client: it must
+    do so with a reactor of its own, not the parent's (whose poller the two processes
+    share)."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    parent = os.getpid()
+
+    class Handler(mod.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline()
+            if os.getpid() != parent:
+                reactor = self.server._BaseServer__reactor
+                self.wfile.write(f"child stale={reactor.stale}\n".encode())
+                self.wfile.flush()
+                os.write(done_w, b"x")
+                os._exit(0)
+            if line != b"fork\n":
+                return
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)
+                os.write(ready_w, b"x")
+                return  # back into the parent's serve_forever(), in the child
+            os.read(ready_r, 1)
+            self.server.child = pid
+            os.read(done_r, 1)  # the child has answered the second client
+            self.wfile.write(b"parent\n")
+
+    server = mod.TCPServer(("127.0.0.1", 0), Handler)
+    serve = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    serve.start()
+    result = {}
+    try:
+        with socket.create_connection(server.server_address, timeout=8.0) as first:
+            first.sendall(b"fork\n")
+            deadline = time.monotonic() + 8.0
+            while not hasattr(server, "child") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            result["second"] = exchange(server.server_address, b"hello\n", timeout=8.0).decode()
+            result["first"] = first.makefile("rb").readline().decode()
+        result["child"] = wait_child(server.child, 8.0)
+    finally:
+        result["shutdown_returned"] = call_with_timeout(server.shutdown, timeout=5.0)[0]
+        server.server_close()
+    return result
+
+
+def test_forked_child_back_in_the_loop_serves_with_its_own_reactor(fast_mod):
+    result = run_isolated("scenario_forked_child_returns_to_the_loop", fast_mod)
+    assert result == {
+        "second": "child stale=False\n",
+        # The child ended the first request as the stdlib would (shutdown(SHUT_WR) on
+        # the connection both processes hold): the first client sees its end.
+        "first": "",
+        "child": "exit 0",
+        "shutdown_returned": True,
+    }

@@ -536,6 +536,16 @@ class _Supervisor:
                 "reuse_port: connections queued on a worker's own socket are reset when "
                 "that worker is replaced, unless net.ipv4.tcp_migrate_req=1"
             )
+        # The workers share the listener's open file description, and with it its
+        # O_NONBLOCK flag, which each worker's engine sets while it waits and puts back
+        # as it found it when it stops: a worker that found it blocking would make it
+        # blocking under the others, whose accept loops would then wait in accept()
+        # instead of their poller (no heartbeat, no wake-up). So the flag is set here,
+        # once, before any worker exists, and put back when the last one is gone.
+        shared_listener = None if server.reuse_port else server.socket  # type: ignore[attr-defined]
+        was_blocking = shared_listener is not None and shared_listener.getblocking()
+        if was_blocking:
+            os.set_blocking(shared_listener.fileno(), False)
         try:
             self.manage()
             while self.stop is None:
@@ -549,6 +559,8 @@ class _Supervisor:
             self.shut_down()
         finally:
             self.kill_all()
+            if was_blocking and shared_listener.fileno() >= 0:
+                os.set_blocking(shared_listener.fileno(), True)
             if old_wakeup is not None:
                 signal.set_wakeup_fd(old_wakeup)
             for signum, handler in saved.items():

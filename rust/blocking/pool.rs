@@ -108,13 +108,13 @@ pub struct Shared {
     /// Stack size for new workers (`threading.stack_size()`); 0 for the platform's default.
     stack_size: AtomicUsize,
     /// The process the pool (and its threads) belong to.
-    pid: u32,
+    forks: u64,
 }
 
 impl Shared {
     /// Inherited by a forked child: no worker of the pool exists here.
     fn stale(&self) -> bool {
-        self.pid != std::process::id()
+        self.forks != crate::sys::fork::generation()
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -387,7 +387,7 @@ impl WorkerPool {
                 max_threads,
                 idle_timeout: Duration::from_secs_f64(idle_timeout),
                 stack_size: AtomicUsize::new(0),
-                pid: std::process::id(),
+                forks: crate::sys::fork::generation(),
             }),
         })
     }

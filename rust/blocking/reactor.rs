@@ -112,8 +112,8 @@ pub struct Reactor {
     /// A `serve()` loop ended while another thread held the poller: whoever gives the
     /// poller back next puts the listener's flags back (see `settle`).
     restore_requested: AtomicBool,
-    /// The process that made this reactor.
-    pid: libc::pid_t,
+    /// The fork generation of the process that made this reactor.
+    forks: u64,
     /// A duplicate of the listener, made by `close()` while the user's socket is still
     /// open, through which the closing side puts the blocking flag back: by then the
     /// user may have closed `fd` and the kernel given its number to another file.
@@ -323,6 +323,11 @@ impl Reactor {
     /// Put the listener's file status flags back as they were before the engine made
     /// it non-blocking (detached: a system call).
     fn restore_flags(&self, st: &mut PollState) {
+        // A forked child's copy never puts flags back: the open file description is
+        // shared with the parent, whose loop may still be waiting on it.
+        if self.stale() {
+            st.saved_flags = None;
+        }
         if let Some(flags) = st.saved_flags.take() {
             let _ = syscall::restore_flags(self.fd, flags);
         }
@@ -440,8 +445,7 @@ impl Reactor {
             wakes: AtomicU64::new(0),
             serving: AtomicUsize::new(0),
             restore_requested: AtomicBool::new(false),
-            // SAFETY: getpid has no preconditions.
-            pid: unsafe { libc::getpid() },
+            forks: crate::sys::fork::generation(),
             handoff: Mutex::new(None),
         })
     }
@@ -551,6 +555,13 @@ impl Reactor {
             service_actions,
             &self.wakes,
             |stop, seen| {
+                // A handler forked and the child came back here: the poller is the
+                // parent's, so the loop goes on with a reactor of the child's own (as
+                // for a replaced listener: the server makes a fresh one).
+                if self.stale() {
+                    replaced = true;
+                    return Ok(true);
+                }
                 if let Some(listener) = listener {
                     if !server.getattr(intern!(py, "socket"))?.is(listener) {
                         replaced = true;
@@ -671,9 +682,7 @@ impl Reactor {
     /// True in a process other than the one that made the reactor (a forked child).
     #[getter]
     fn stale(&self) -> bool {
-        // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() };
-        pid != self.pid
+        crate::sys::fork::generation() != self.forks
     }
 
     /// The socket type of the listening socket (`SOCK_STREAM` or `SOCK_DGRAM`).

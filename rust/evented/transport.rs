@@ -434,11 +434,16 @@ impl BaseTransport {
 
     /// What the socket has not taken, as asyncio reports it: a stream transport first
     /// offers its queue to the socket (one GIL release, only when something is queued;
-    /// `write()` queues where asyncio's sends at once).
+    /// `write()` queues where asyncio's sends at once). Not while writing is paused:
+    /// asyncio's buffer then shrinks only as its loop sends, so `pause_writing()`
+    /// reads a size above the high-water mark, and so does ours.
     fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
         let core = &self.core;
-        let queued = lock(py, &core.chan.state).pending();
-        if queued == 0 || core.kind != libc::SOCK_STREAM {
+        let (queued, paused) = {
+            let st = lock(py, &core.chan.state);
+            (st.pending(), st.writing_paused)
+        };
+        if queued == 0 || paused || core.kind != libc::SOCK_STREAM {
             return queued;
         }
         py.detach(|| core.send_queued());

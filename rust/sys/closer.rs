@@ -24,8 +24,8 @@
 //! one, with a fresh queue (the parent's may have been locked at the fork).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -144,26 +144,16 @@ impl Queue {
 /// The closer's queue for this process, and the fork count it was made at.
 struct Current {
     queue: Queue,
-    forks: usize,
+    forks: u64,
 }
 
 static CURRENT: AtomicPtr<Current> = AtomicPtr::new(std::ptr::null_mut());
-static FORKS: AtomicUsize = AtomicUsize::new(0);
-static AT_FORK: Once = Once::new();
-
-extern "C" fn forked_child() {
-    FORKS.fetch_add(1, Ordering::AcqRel);
-}
 
 /// This process's queue, starting the closer thread the first time (and the first
 /// time after a fork). Queues are leaked on purpose: a closer may still be using one.
 fn queue() -> Option<&'static Queue> {
-    AT_FORK.call_once(|| {
-        // SAFETY: registers a handler that only increments an atomic.
-        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-    });
     loop {
-        let forks = FORKS.load(Ordering::Acquire);
+        let forks = crate::sys::fork::generation();
         let current = CURRENT.load(Ordering::Acquire);
         // SAFETY: queues are never freed.
         if !current.is_null() && unsafe { (*current).forks } == forks {

@@ -5,8 +5,10 @@
 //! - [`descriptor`]: `SocketCore`, shared ownership of one accepted socket (uses in
 //!   flight, close deferred to the last use);
 //! - [`closer`]: the destructor rule: descriptors a `Drop` releases under the GIL are
-//!   closed by a thread that never touches Python.
+//!   closed by a thread that never touches Python;
+//! - [`fork`]: which process an object belongs to, one atomic load per check.
 
 pub mod closer;
 pub mod descriptor;
+pub mod fork;
 pub mod syscall;
