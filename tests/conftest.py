@@ -29,6 +29,11 @@ import time
 
 import pytest
 
+# Tests live in folders by concern (blocking/, evented/, conformance/, stress/, workers/);
+# the helpers they share (this module, handler_probe) are here, one level up.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 CLIENT_TIMEOUT = 10.0
 JOIN_TIMEOUT = 10.0
 #: hard ceiling for a single test; a hang dumps every thread's stack and exits

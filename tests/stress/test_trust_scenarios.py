@@ -37,10 +37,10 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ISOLATED_TIMEOUT = 20.0
 
 ISOLATED_MAIN = textwrap.dedent(r"""
-    import faulthandler, importlib, json, sys
+    import faulthandler, importlib, json, os, sys
     tests_dir, scenario, module_name, timeout = sys.argv[1:5]
     faulthandler.dump_traceback_later(float(timeout), exit=True)
-    sys.path.insert(0, tests_dir)
+    sys.path[:0] = [tests_dir, os.path.dirname(tests_dir)]  # (conftest is one level up)
     import test_trust_scenarios as scenarios
     result = getattr(scenarios, scenario)(importlib.import_module(module_name))
     print("SCENARIO-RESULT " + json.dumps(result), flush=True)
