@@ -359,33 +359,14 @@ impl EventLoop {
             }
             retry_read.push(token);
         }
-        match cs.send_out(fd) {
-            Ok(()) => {}
-            Err(Error::Os(code)) => {
+        let left = match send_stream(poll, &mut cs, fd, token, conn, pending)? {
+            Sent::Left(left) => left,
+            Sent::Failed(code) => {
                 drop(cs);
                 close_conn(poll, conn, pending, token, Lost::Os(code), &self.open);
                 return Ok(());
             }
-            Err(err) => return Err(err),
-        }
-        let left = after_flush(&mut cs, pending, token);
-        let watched = watch_writable(
-            poll,
-            fd,
-            Token(token),
-            left > 0,
-            &mut conn.writable_interest,
-        );
-        if let Err(err) = watched {
-            // This connection cannot be watched any more: it ends, the loop goes on.
-            drop(cs);
-            let code = match err {
-                Error::Os(code) => code,
-                _ => libc::EIO,
-            };
-            close_conn(poll, conn, pending, token, Lost::Os(code), &self.open);
-            return Ok(());
-        }
+        };
         if left == 0 {
             if cs.take_eof_due() {
                 // SAFETY: shutdown(2) takes a number and no memory; `fd` is the
@@ -490,6 +471,40 @@ impl EventLoop {
             }
         }
         st.next_idle_check = Some(next);
+    }
+}
+
+/// How [`send_stream`] left a connection.
+enum Sent {
+    /// The bytes still queued (the connection watched for writability while any are).
+    Left(usize),
+    /// A send, or the poller's change of interest, failed with this `errno`: the
+    /// connection ends (the loop goes on).
+    Failed(i32),
+}
+
+/// Send a connection's queue (its channel's state locked by the caller), queue
+/// `resume_writing` if that drained a paused protocol's queue, and watch the socket for
+/// writability while bytes are left.
+fn send_stream(
+    poll: Option<&Poll>,
+    cs: &mut ChanState,
+    fd: RawFd,
+    token: usize,
+    conn: &mut Conn,
+    pending: &mut VecDeque<Event>,
+) -> Result<Sent> {
+    match cs.send_out(fd) {
+        Ok(()) => {}
+        Err(Error::Os(code)) => return Ok(Sent::Failed(code)),
+        Err(err) => return Err(err),
+    }
+    let left = after_flush(cs, pending, token);
+    let want = left > 0;
+    match watch_writable(poll, fd, Token(token), want, &mut conn.writable_interest) {
+        Ok(()) => Ok(Sent::Left(left)),
+        Err(Error::Os(code)) => Ok(Sent::Failed(code)),
+        Err(_) => Ok(Sent::Failed(libc::EIO)),
     }
 }
 
