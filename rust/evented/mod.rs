@@ -1,12 +1,21 @@
 //! The evented path (an extension): handlers shaped like `asyncio.Protocol` run on
 //! the serving thread's event loop, one GIL hold per batch of ready connections.
 //!
-//! - [`event_loop`]: `EventLoop`, its detached I/O phase and attached callback phase;
-//! - [`transport`]: what protocols write to (queues, flow control, extra info);
+//! - [`event_loop`]: `EventLoop`, the Python class: rounds, wake, close, the destructor;
+//! - [`state`]: what a round holds, named (the loop's state, events, connections);
+//! - [`io`]: a round's detached I/O phase (send, wait, drain, accept, datagrams);
+//! - [`callbacks`]: a round's attached callback phase (every protocol callback);
+//! - [`channel`]: what a transport shares with its loop, with both halves of flow
+//!   control;
+//! - [`transport`]: what protocols write to (limits, extra info, `set_protocol`);
 //! - [`native`]: `NativeEcho`, a protocol in Rust (the benchmark's ceiling).
 
+mod callbacks;
+pub mod channel;
 pub mod event_loop;
+mod io;
 pub mod native;
+mod state;
 pub mod transport;
 
 use pyo3::prelude::*;

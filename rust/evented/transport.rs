@@ -1,136 +1,35 @@
 //! Transports of the event-driven path: what `asyncio.Protocol` handlers write to.
 //!
-//! A small write makes no system call: `write()` queues bytes on the connection's
-//! [`Channel`] and marks it dirty; the event loop sends everything queued inside its
-//! next GIL release (ARCHITECTURE.md, The GIL rule). Flow control follows asyncio: the
-//! protocol's `pause_writing()` is called once when the queue exceeds the high-water
-//! mark with the socket full (see [`TransportCore::maybe_pause`]: only then does a write
-//! offer the queue to the socket, in one GIL release) and `resume_writing()` once when
-//! the loop has drained it to the low-water mark.
-//!
-//! A transport may be used from another thread: it then wakes the loop, so the write is
-//! not left waiting for the next event.
+//! A transport is a thin face on its connection's [`Channel`] (channel.rs): `write()`
+//! and `sendto()` queue there, make no system call, and the loop sends in its next GIL
+//! release; `close()`, `abort()`, `write_eof()` and the reading switches leave their
+//! request there too. What the transport adds: asyncio's write-buffer limits as Python
+//! numbers, the pause half of flow control with its one send (see
+//! [`TransportCore::maybe_pause`]), `set_protocol()`, and the extra info.
 
 use crate::bridge::address;
 use crate::bridge::buffer::RawBuffer;
 use crate::bridge::wait::lock;
+use crate::evented::channel::{Channel, DEFAULT_HIGH_WATER};
 use crate::sys::syscall::RawAddr;
-use mio::Waker;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::PyClass;
-use std::cell::Cell;
-use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// asyncio's default write buffer limits.
-pub const DEFAULT_HIGH_WATER: usize = 64 * 1024;
-
-thread_local! {
-    /// The loop whose round this thread is running (address of its `LoopShared`), 0 if none.
-    pub static CURRENT_LOOP: Cell<usize> = const { Cell::new(0) };
+/// The `get_extra_info('socket')` objects: a `socket.socket` on a duplicate of the
+/// descriptor, and the `asyncio.trsock.TransportSocket` that wraps it.
+pub struct ExtraSocket {
+    socket: Py<PyAny>,
+    wrapper: Py<PyAny>,
 }
 
-/// What the loop and its transports share.
-pub struct LoopShared {
-    /// Tokens of channels with work for the loop's next I/O phase.
-    pub dirty: Mutex<Vec<usize>>,
-    /// Dropped when the loop closes, so transports that outlive their loop do not keep
-    /// its eventfd open.
-    pub waker: Mutex<Option<Waker>>,
-}
-
-impl LoopShared {
-    pub fn wake(&self) -> std::io::Result<()> {
-        match self
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            Some(waker) => waker.wake(),
-            None => Ok(()),
-        }
-    }
-    /// Take the waker out at the loop's close (its eventfd is closed when dropped).
-    pub fn take_waker(&self) -> Option<Waker> {
-        self.waker.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-impl LoopShared {
-    fn on_loop_thread(self: &Arc<Self>) -> bool {
-        CURRENT_LOOP.with(|c| c.get()) == Arc::as_ptr(self) as usize
-    }
-}
-
-#[derive(Default)]
-pub struct ChanState {
-    pub out: Vec<u8>,
-    pub out_pos: usize,
-    /// Datagrams waiting to be sent, with their destinations.
-    pub datagrams: VecDeque<(Vec<u8>, RawAddr)>,
-    pub datagram_bytes: usize,
-    /// Already in the loop's dirty list.
-    pub queued: bool,
-    pub closing: bool,
-    pub aborting: bool,
-    pub eof_requested: bool,
-    pub eof_sent: bool,
-    pub read_paused: bool,
-    /// `resume_reading()` was called: the loop must try to read (edge-triggered).
-    pub read_resumed: bool,
-    /// The write buffer limits as numbers to compare with (asyncio's may be floats).
-    pub high: f64,
-    pub low: f64,
-    pub writing_paused: bool,
-    /// The descriptor is closed; the transport is dead.
-    pub closed: bool,
-}
-
-impl ChanState {
-    pub fn pending(&self) -> usize {
-        self.out.len() - self.out_pos + self.datagram_bytes
-    }
-}
-
-pub struct Channel {
-    pub token: usize,
-    pub state: Mutex<ChanState>,
-    pub shared: Arc<LoopShared>,
-}
-
-impl Channel {
-    pub fn new(token: usize, shared: Arc<LoopShared>) -> Channel {
-        Channel {
-            token,
-            state: Mutex::new(ChanState {
-                high: DEFAULT_HIGH_WATER as f64,
-                low: (DEFAULT_HIGH_WATER / 4) as f64,
-                ..ChanState::default()
-            }),
-            shared,
-        }
-    }
-
-    /// Put the channel on the loop's list of work (once), waking the loop if called
-    /// from another thread.
-    pub fn mark_dirty(&self, st: &mut ChanState) {
-        if st.queued || st.closed {
-            return;
-        }
-        st.queued = true;
-        self.shared
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(self.token);
-        if !self.shared.on_loop_thread() {
-            let _ = self.shared.wake();
-        }
-    }
+/// The limit objects `set_write_buffer_limits()` computed, as Python numbers.
+pub struct WriteLimits {
+    low: Py<PyAny>,
+    high: Py<PyAny>,
 }
 
 /// Shared by the stream and datagram transports.
@@ -145,7 +44,7 @@ pub struct TransportCore {
     /// `get_extra_info('socket')`, made on first request: a `socket.socket` on a
     /// duplicate of the descriptor, and the `asyncio.trsock.TransportSocket` that wraps
     /// it (what the protocol gets: it refuses I/O, as asyncio's and uvloop's do).
-    pub socket: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    pub socket: Mutex<Option<ExtraSocket>>,
     /// The descriptor's number. The loop owns the descriptor (a connection's slot, or
     /// the server's socket for a datagram endpoint); this number is only duplicated
     /// under the channel's lock while the channel is open, and the loop closes it under
@@ -157,7 +56,7 @@ pub struct TransportCore {
     /// The `(low, high)` objects `set_write_buffer_limits()` last computed, returned as
     /// they are by `get_write_buffer_limits()` (ints stay ints, floats floats); None
     /// until it is called.
-    pub limits: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    pub limits: Mutex<Option<WriteLimits>>,
     pub family: i32,
     pub kind: i32,
     pub proto: i32,
@@ -177,22 +76,13 @@ impl TransportCore {
     /// connection stays open; `KeyboardInterrupt`/`SystemExit` propagate.
     fn maybe_pause(&self, transport: &Bound<'_, BaseTransport>) -> PyResult<()> {
         let py = transport.py();
-        let over =
-            |st: &ChanState| !st.writing_paused && !st.closed && st.pending() as f64 > st.high;
-        if !over(&lock(py, &self.chan.state)) {
+        if !self.chan.lock(py).over_high_water() {
             return Ok(());
         }
         if self.kind == libc::SOCK_STREAM {
             py.detach(|| self.send_queued());
         }
-        let pause = {
-            let mut st = lock(py, &self.chan.state);
-            let pause = over(&st);
-            if pause {
-                st.writing_paused = true;
-            }
-            pause
-        };
+        let pause = self.chan.lock(py).pause_writing_due();
         if !pause {
             return Ok(());
         }
@@ -209,28 +99,11 @@ impl TransportCore {
     /// the loop's open descriptor. A send error is left for the loop's next send to
     /// meet again and end the connection.
     fn send_queued(&self) {
-        let mut st = self.chan.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.closed || st.aborting {
+        let mut st = self.chan.lock_detached();
+        if st.closed() || st.aborting() {
             return;
         }
-        while st.out_pos < st.out.len() {
-            let pos = st.out_pos;
-            match crate::sys::syscall::send(
-                self.fd,
-                &st.out[pos..],
-                0,
-                crate::sys::syscall::Mode::NonBlocking,
-                None,
-            ) {
-                Ok(n) => st.out_pos += n,
-                Err(crate::error::Error::Interrupted) => continue,
-                Err(_) => break,
-            }
-        }
-        if st.out_pos == st.out.len() {
-            st.out.clear();
-            st.out_pos = 0;
-        }
+        let _ = st.send_out(self.fd);
     }
 
     /// Report an exception of a flow-control callback: `on_error(transport, peer, exc)`.
@@ -268,8 +141,8 @@ impl TransportCore {
     /// The `get_extra_info('socket')` object: made once, while the connection is open;
     /// afterwards the one made before (closed by then: `fileno()` is -1), or None.
     fn transport_socket(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        if let Some((_, wrapper)) = lock(py, &self.socket).as_ref() {
-            return Ok(Some(wrapper.clone_ref(py)));
+        if let Some(made) = lock(py, &self.socket).as_ref() {
+            return Ok(Some(made.wrapper.clone_ref(py)));
         }
         let Some(dup) = py.detach(|| self.duplicate())? else {
             return Ok(None);
@@ -284,45 +157,47 @@ impl TransportCore {
             .import("asyncio.trsock")?
             .getattr("TransportSocket")?
             .call1((&sock,))?;
-        let made = (sock.unbind(), wrapper.unbind());
+        let made = ExtraSocket {
+            socket: sock.unbind(),
+            wrapper: wrapper.unbind(),
+        };
         let (kept, extra) = {
             let mut slot = lock(py, &self.socket);
             match slot.as_ref() {
                 // Another thread made one meanwhile: keep that one.
-                Some((s, w)) => ((s.clone_ref(py), w.clone_ref(py)), Some(made)),
+                Some(other) => (other.wrapper.clone_ref(py), Some(made)),
                 None => {
-                    *slot = Some((made.0.clone_ref(py), made.1.clone_ref(py)));
-                    (made, None)
+                    let kept = made.wrapper.clone_ref(py);
+                    *slot = Some(made);
+                    (kept, None)
                 }
             }
         };
-        if let Some((sock, _)) = extra {
-            sock.call_method0(py, "close")?;
+        if let Some(extra) = extra {
+            extra.socket.call_method0(py, "close")?;
         }
         // The connection may have ended while this one was made, and its release()
         // may have run before the socket was stored: then close it here (closing it
         // twice is harmless).
-        if lock(py, &self.chan.state).closed {
+        if self.chan.lock(py).closed() {
             self.drop_socket(py);
         }
-        Ok(Some(kept.1))
+        Ok(Some(kept))
     }
 
     /// Duplicate the descriptor, close-on-exec, if the channel is still open. Detached:
     /// the channel's lock is taken and released here, so the loop cannot close the
     /// descriptor between the check and the duplicate.
     fn duplicate(&self) -> crate::error::Result<Option<OwnedFd>> {
-        let st = self.chan.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.closed {
+        let st = self.chan.lock_detached();
+        if st.closed() {
             return Ok(None);
         }
-        // SAFETY: the channel is open, so `fd` is the loop's open descriptor, and it
-        // stays open while this lock is held.
-        let dup =
-            crate::sys::syscall::check(unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+        // The channel is open, so `fd` is the loop's open descriptor, and it stays open
+        // while this lock is held.
+        let dup = crate::sys::syscall::duplicate(self.fd)?;
         drop(st);
-        // SAFETY: fcntl returned a new descriptor that nothing else owns.
-        Ok(Some(unsafe { OwnedFd::from_raw_fd(dup) }))
+        Ok(Some(dup))
     }
 
     /// At the connection's end: forget the protocol (as asyncio does, so that the usual
@@ -339,34 +214,22 @@ impl TransportCore {
     pub fn drop_socket(&self, py: Python<'_>) {
         let made = lock(py, &self.socket)
             .as_ref()
-            .map(|(s, _)| s.clone_ref(py));
+            .map(|made| made.socket.clone_ref(py));
         if let Some(sock) = made {
             let _ = sock.call_method0(py, "close");
         }
     }
 
     pub fn close(&self, py: Python<'_>) {
-        let mut st = lock(py, &self.chan.state);
-        if st.closing || st.closed {
-            return;
-        }
-        st.closing = true;
-        st.read_paused = true;
-        self.chan.mark_dirty(&mut st);
+        self.chan.close(py)
     }
 
     pub fn abort(&self, py: Python<'_>) {
-        let mut st = lock(py, &self.chan.state);
-        if st.closed {
-            return;
-        }
-        st.aborting = true;
-        self.chan.mark_dirty(&mut st);
+        self.chan.abort(py)
     }
 
     fn is_closing(&self, py: Python<'_>) -> bool {
-        let st = lock(py, &self.chan.state);
-        st.closing || st.aborting || st.closed
+        self.chan.lock(py).is_closing()
     }
 }
 
@@ -440,26 +303,25 @@ impl BaseTransport {
     fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
         let core = &self.core;
         let (queued, paused) = {
-            let st = lock(py, &core.chan.state);
-            (st.pending(), st.writing_paused)
+            let st = core.chan.lock(py);
+            (st.pending(), st.writing_paused())
         };
         if queued == 0 || paused || core.kind != libc::SOCK_STREAM {
             return queued;
         }
         py.detach(|| core.send_queued());
-        lock(py, &core.chan.state).pending()
+        core.chan.lock(py).pending()
     }
 
     fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        if let Some((low, high)) = lock(py, &self.core.limits).as_ref() {
+        if let Some(WriteLimits { low, high }) = lock(py, &self.core.limits).as_ref() {
             return Ok((low.clone_ref(py), high.clone_ref(py))
                 .into_pyobject(py)?
                 .into_any()
                 .unbind());
         }
-        let st = lock(py, &self.core.chan.state);
-        let (low, high) = (st.low as usize, st.high as usize);
-        drop(st);
+        let (low, high) = self.core.chan.lock(py).limits();
+        let (low, high) = (low as usize, high as usize);
         Ok((low, high).into_pyobject(py)?.into_any().unbind())
     }
 
@@ -473,12 +335,11 @@ impl BaseTransport {
         let (low, high) = write_limits(py, high, low)?;
         let (low_value, high_value) = (limit_value(&low)?, limit_value(&high)?);
         let core = &slf.get().core;
-        *lock(py, &core.limits) = Some((low.unbind(), high.unbind()));
-        {
-            let mut st = lock(py, &core.chan.state);
-            st.high = high_value;
-            st.low = low_value;
-        }
+        *lock(py, &core.limits) = Some(WriteLimits {
+            low: low.unbind(),
+            high: high.unbind(),
+        });
+        core.chan.lock(py).set_limits(low_value, high_value);
         core.maybe_pause(slf)
     }
 
@@ -540,13 +401,7 @@ impl Transport {
 
     /// Close the write side once the queued data is sent.
     fn write_eof(slf: &Bound<'_, Self>) {
-        let core = core_of(slf);
-        let mut st = lock(slf.py(), &core.chan.state);
-        if st.closing || st.closed || st.eof_requested {
-            return;
-        }
-        st.eof_requested = true;
-        core.chan.mark_dirty(&mut st);
+        core_of(slf).chan.write_eof(slf.py())
     }
 
     fn can_write_eof(&self) -> bool {
@@ -554,25 +409,15 @@ impl Transport {
     }
 
     fn pause_reading(slf: &Bound<'_, Self>) {
-        let mut st = lock(slf.py(), &core_of(slf).chan.state);
-        if !st.closing && !st.closed {
-            st.read_paused = true;
-        }
+        core_of(slf).chan.pause_reading(slf.py())
     }
 
     fn resume_reading(slf: &Bound<'_, Self>) {
-        let core = core_of(slf);
-        let mut st = lock(slf.py(), &core.chan.state);
-        if st.read_paused && !st.closing && !st.closed {
-            st.read_paused = false;
-            st.read_resumed = true;
-            core.chan.mark_dirty(&mut st);
-        }
+        core_of(slf).chan.resume_reading(slf.py())
     }
 
     fn is_reading(slf: &Bound<'_, Self>) -> bool {
-        let st = lock(slf.py(), &core_of(slf).chan.state);
-        !st.read_paused && !st.closing && !st.closed
+        core_of(slf).chan.is_reading(slf.py())
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> String {
@@ -597,22 +442,8 @@ impl Transport {
 pub fn write_slice(transport: &Bound<'_, BaseTransport>, data: &[u8]) -> PyResult<()> {
     let py = transport.py();
     let core = &transport.get().core;
-    {
-        let mut st = lock(py, &core.chan.state);
-        if st.eof_requested {
-            return Err(PyRuntimeError::new_err(
-                "Cannot call write() after write_eof()",
-            ));
-        }
-        if st.closing || st.aborting || st.closed || data.is_empty() {
-            return Ok(());
-        }
-        if st.out_pos > 0 && st.out_pos == st.out.len() {
-            st.out.clear();
-            st.out_pos = 0;
-        }
-        st.out.extend_from_slice(data);
-        core.chan.mark_dirty(&mut st);
+    if !core.chan.queue_bytes(py, data)? {
+        return Ok(());
     }
     core.maybe_pause(transport)
 }
@@ -629,14 +460,8 @@ pub fn queue_datagram(
 ) -> PyResult<()> {
     let py = transport.py();
     let core = &transport.get().core;
-    {
-        let mut st = lock(py, &core.chan.state);
-        if st.closed {
-            return Ok(());
-        }
-        st.datagram_bytes += data.len();
-        st.datagrams.push_back((data.to_vec(), raw));
-        core.chan.mark_dirty(&mut st);
+    if !core.chan.queue_datagram(py, data, raw) {
+        return Ok(());
     }
     core.maybe_pause(transport)
 }
