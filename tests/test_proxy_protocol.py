@@ -483,3 +483,52 @@ def test_behind_haproxy(send, kind):
     # The socket's own peer is HAProxy's side of its connection to us.
     assert all(r[1][0] == "127.0.0.1" for r in seen.requests)
     assert seen.errors == []
+
+
+# ---------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------
+
+CLI_HANDLER = """
+import fastsocketserver as socketserver
+
+class Who(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(repr(self.client_address).encode() + b"|" + self.rfile.readline())
+"""
+
+
+def test_cli_options_become_server_attributes():
+    from fastsocketserver import __main__ as cli
+
+    args = cli._parser().parse_args(
+        ["--proxy-protocol", "v2", "--proxy-trusted", "10.0.0.0/8", "--proxy-trusted", "::1",
+         "--proxy-header-timeout", "2.5"]
+    )
+    cls = cli._server_class(args)
+    assert (cls.proxy_protocol, cls.proxy_trusted, cls.proxy_header_timeout) == ("v2", ("10.0.0.0/8", "::1/128"), 2.5)
+    plain = cli._server_class(cli._parser().parse_args([]))
+    assert plain.proxy_protocol is None
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["--proxy-protocol", "v3"])
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["--proxy-protocol", "v1", "--proxy-trusted", "nowhere"])
+    assert cli.main(["--udp", "--proxy-protocol", "v1", "--port", "0"]) == 2
+    assert cli.main(["--proxy-trusted", "10.0.0.0/8", "--port", "0"]) == 2
+
+
+def test_cli_serves_the_original_client(unix_dir):
+    from test_lifecycle import _cli, _find_address, _stop_cli, child_process
+
+    with open(os.path.join(unix_dir, "proxy_cli_mod.py"), "w") as f:
+        f.write(CLI_HANDLER)
+    env = {"PYTHONPATH": unix_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = _cli(["--port", "0", "--threading", "--proxy-protocol", "v1", "proxy_cli_mod:Who"])
+    with child_process(args, cwd=unix_dir, env_extra=env) as (proc, out, err):
+        host, port = _find_address(out, err).group(2).rsplit(":", 1)
+        _, echoed = exchange((host, int(port)), [v1("203.0.113.5", "10.0.0.1", 6000, 80) + b"hi\n"])
+        assert echoed == b"('203.0.113.5', 6000)|hi\n"
+        _, echoed = exchange((host, int(port)), [b"hi\n"])
+        assert echoed == b""
+        _stop_cli(proc, err)
+    assert "PROXY protocol" in err.text()
