@@ -410,6 +410,147 @@ def test_no_descriptor_leak_on_refusals(caplog):
 
 
 # ---------------------------------------------------------------------------
+# protocol (asyncio.Protocol) handlers, on the event loop
+# ---------------------------------------------------------------------------
+
+
+def protocol_handler(seen):
+    import asyncio
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buf = transport, b""
+
+        def data_received(self, data):
+            self.buf += data
+
+        def eof_received(self):
+            peer = self.transport.get_extra_info("peername")
+            real = self.transport.get_extra_info("socket").getpeername()
+            seen.add((peer, real, self.buf))
+            self.transport.write(self.buf)
+            self.transport.close()
+
+    return Echo
+
+
+def make_evented(kind, seen, **attrs):
+    base = {"tcp": fss.TCPServer, "threading": fss.ThreadingTCPServer}[kind]
+    cls = type("Server", (base,), attrs)
+    return cls(("127.0.0.1", 0), protocol_handler(seen))
+
+
+@pytest.mark.parametrize("kind", ["tcp", "threading"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(v1(), id="v1-tcp4"),
+        pytest.param(v1("2001:db8::5", "2001:db8::1", 5555, 80), id="v1-tcp6"),
+        pytest.param(v2(tlvs=b"\x01\x00\x02h2"), id="v2-inet"),
+        pytest.param(v2("2001:db8::5", "2001:db8::1", 5555, 80), id="v2-inet6"),
+    ],
+)
+def test_protocol_peername_is_the_original_client(kind, header):
+    version = "v1" if header.startswith(b"PROXY") else "v2"
+    seen = Seen()
+    server = make_evented(kind, seen, proxy_protocol=version)
+    expect = ("192.0.2.10", 40001) if b"192.0.2.10" in header or header[13:14] == b"\x11" else ("2001:db8::5", 5555)
+    wire = header + PAYLOAD
+    splits = [
+        [wire],
+        cuts(wire, [len(header)]),
+        cuts(wire, [3, len(header) - 1, len(header) + 1]),
+        cuts(wire, range(0, len(header) + 3)),
+    ]
+    with serving(server):
+        for pieces in splits:
+            _, echoed = exchange(server.server_address, pieces, pause=0.002)
+            assert echoed == PAYLOAD
+    assert len(seen.requests) == len(splits)
+    for peer, real, data in seen.requests:
+        assert peer[:2] == expect
+        assert real[0] == "127.0.0.1"
+        assert data == PAYLOAD
+
+
+@pytest.mark.parametrize("header", [v2_local(), b"PROXY UNKNOWN\r\n"])
+def test_protocol_local_keeps_the_connection_address(header):
+    seen = Seen()
+    server = make_evented("tcp", seen, proxy_protocol="v2" if header.startswith(SIG) else "v1")
+    with serving(server):
+        local, echoed = exchange(server.server_address, [header + b"x"])
+    assert echoed == b"x"
+    assert seen.requests[0][0] == local
+
+
+@pytest.mark.parametrize(
+    "bad,attrs,source",
+    [
+        pytest.param(b"GET / HTTP/1.0\r\n\r\n", {}, None, id="no-header"),
+        pytest.param(SIG + b"\x21\x11\x00\x05abcde", {}, None, id="short-v2"),
+        pytest.param(b"", {}, None, id="eof"),
+        pytest.param(v2(), {"proxy_trusted": ("127.0.0.1/32",)}, ("127.0.0.2", 0), id="untrusted"),
+    ],
+)
+def test_protocol_refused_connections(bad, attrs, source, caplog):
+    seen = Seen()
+    server = make_evented("tcp", seen, proxy_protocol="v2", **attrs)
+    with serving(server), caplog.at_level(logging.WARNING, logger="fastsocketserver"):
+        _, echoed = exchange(server.server_address, [bad], source=source)
+        assert echoed == b""
+        assert wait_for(lambda: any("PROXY protocol" in r.getMessage() for r in caplog.records))
+        _, echoed = exchange(server.server_address, [v2() + b"next"])
+        assert echoed == b"next"
+    assert [r[2] for r in seen.requests] == [b"next"]
+
+
+def test_protocol_slow_header_times_out_without_blocking_others(caplog):
+    seen = Seen()
+    server = make_evented("tcp", seen, proxy_protocol="v1", proxy_header_timeout=0.3)
+    with serving(server), caplog.at_level(logging.WARNING, logger="fastsocketserver"):
+        with socket.create_connection(server.server_address, timeout=CLIENT_TIMEOUT) as slow:
+            slow.sendall(b"PROXY TCP4 ")
+            # Another client is served while the slow one has not finished its header.
+            _, echoed = exchange(server.server_address, [v1() + b"fast"])
+            assert echoed == b"fast"
+            try:
+                assert slow.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        assert wait_for(lambda: any("in time" in r.getMessage() for r in caplog.records))
+    assert [r[2] for r in seen.requests] == [b"fast"]
+
+
+def test_protocol_close_with_headers_pending_closes_them():
+    """Connections still sending their header belong to the loop: server_close()
+    closes them (the client sees the end of the stream), and none leaks."""
+    from conftest import settled_fd_count
+
+    seen = Seen()
+    before = settled_fd_count()
+    server = make_evented("tcp", seen, proxy_protocol="v2", proxy_header_timeout=None)
+    clients = []
+    try:
+        with serving(server):
+            for _ in range(5):
+                c = socket.create_connection(server.server_address, timeout=CLIENT_TIMEOUT)
+                c.sendall(SIG[:6])
+                clients.append(c)
+            _, echoed = exchange(server.server_address, [v2() + b"served"])
+            assert echoed == b"served"
+        for c in clients:
+            try:
+                assert c.recv(10) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for c in clients:
+            c.close()
+    assert wait_for(lambda: settled_fd_count() <= before)
+    assert [r[2] for r in seen.requests] == [b"served"]
+
+
+# ---------------------------------------------------------------------------
 # a real HAProxy in front
 # ---------------------------------------------------------------------------
 
@@ -424,11 +565,14 @@ def free_port():
 
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (.ci/run installs it)")
 @pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
-@pytest.mark.parametrize("kind", ["tcp", "threading"])
+@pytest.mark.parametrize("kind", ["tcp", "threading", "protocol"])
 def test_behind_haproxy(send, kind):
     version = "v1" if send == "send-proxy" else "v2"
     seen = Seen()
-    server = make(fss, kind, echo_handler(fss, seen, "rfile"), seen, proxy_protocol=version)
+    if kind == "protocol":
+        server = make_evented("tcp", seen, proxy_protocol=version)
+    else:
+        server = make(fss, kind, echo_handler(fss, seen, "rfile"), seen, proxy_protocol=version)
     front = free_port()
     with serving(server), tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, "haproxy.cfg")

@@ -215,6 +215,7 @@ class EventLoop:
         on_error: Callable[[Any, Any, BaseException], Any],
         verify: Callable[[Any, Any], Any] | None = None,
         idle_timeout: float | None = None,
+        proxy: ProxyPolicy | None = None,
     ) -> EventLoop: ...
     def run_once(self, timeout: float | None = None) -> bool:
         """One round; RuntimeError in a forked child (the loop is the parent's)."""

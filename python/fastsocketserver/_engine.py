@@ -198,8 +198,6 @@ def make_engine(server: Any, fd: int, sock: Any) -> Any:
             "loop on the raw descriptor, which would bypass that object's accept() (for "
             "an ssl.SSLSocket, its TLS handshake) and serve plaintext"
         )
-    if server.proxy_protocol is not None:
-        raise TypeError(f"{name}: proxy_protocol is not supported with protocol handlers yet")
     if not accepting:
         raise TypeError(
             "protocol handlers are served by the engine's own accept loop; "
@@ -218,4 +216,5 @@ def make_engine(server: Any, fd: int, sock: Any) -> Any:
         weak_method(server, "_report_error"),
         verify,
         server.idle_timeout,
+        proxy_policy(server),
     )

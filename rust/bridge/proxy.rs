@@ -41,15 +41,25 @@ impl ProxyPolicy {
         match verdict {
             Verdict::Admitted(client) => Ok(Some(client.unwrap_or(*peer))),
             Verdict::Refused(reason) => {
-                if let Some(report) = &self.report {
-                    let report = report.bind(py);
-                    let told = address::to_python(py, peer)
-                        .and_then(|addr| report.call1((addr, reason)));
-                    if let Err(err) = told {
-                        err.write_unraisable(py, Some(report));
-                    }
-                }
+                self.refused(py, peer, &reason);
                 Ok(None)
+            }
+        }
+    }
+
+    /// The settings, for a caller that reads headers itself (the event loop).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Tell the server that the connection from `peer` was refused, and why (an
+    /// exception from its report goes to `sys.unraisablehook`).
+    pub fn refused(&self, py: Python<'_>, peer: &RawAddr, reason: &str) {
+        if let Some(report) = &self.report {
+            let report = report.bind(py);
+            let told = address::to_python(py, peer).and_then(|addr| report.call1((addr, reason)));
+            if let Err(err) = told {
+                err.write_unraisable(py, Some(report));
             }
         }
     }

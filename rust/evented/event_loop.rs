@@ -30,10 +30,12 @@
 //! has already handed to another socket. Nothing here closes a bare number.
 
 use crate::bridge::address;
+use crate::bridge::proxy::ProxyPolicy;
 use crate::bridge::buffer::RawBuffer;
 use crate::bridge::wait::{blocking, lock};
 use crate::error::{catch_panic, is_handled, Error, Result};
 use crate::evented::native::NativeEcho;
+use crate::evented::proxy::{Awaiting, Outcome as HeaderOutcome};
 use crate::evented::transport::{
     self, BaseTransport, ChanState, Channel, DatagramTransport, LoopShared, Transport,
     TransportCore, CURRENT_LOOP,
@@ -114,6 +116,8 @@ enum Event {
     Held(usize),
     Datagram(usize, usize, RawAddr),
     DatagramError(i32),
+    /// A connection's PROXY protocol header was refused (it is closed): the peer, why.
+    ProxyRefused(RawAddr, String),
 }
 
 struct Conn {
@@ -365,6 +369,8 @@ struct LoopState {
     next_idle_check: Option<Instant>,
     datagram: Option<DatagramEndpoint>,
     started: bool,
+    /// Connections still sending their PROXY protocol header (see `evented::proxy`).
+    awaiting: Awaiting,
 }
 
 #[pyclass(module = "fastsocketserver._core", frozen)]
@@ -383,6 +389,9 @@ pub struct EventLoop {
     verify: Option<Py<PyAny>>,
     on_error: Py<PyAny>,
     idle_timeout: Option<Duration>,
+    /// The server's PROXY protocol settings: connections wait in `awaiting` until
+    /// their header is read.
+    proxy: Option<Py<ProxyPolicy>>,
     /// `close()` was called while a round held the loop; the round finishes it.
     closing: AtomicBool,
     /// Open connections (what `connections` reports, also from inside a callback).
@@ -463,13 +472,16 @@ impl EventLoop {
             st.backoff_until = None;
         }
         self.check_idle(st, now);
+        for (token, outcome) in st.awaiting.expired(now) {
+            self.header_done(st, token, outcome);
+        }
         let busy = !st.pending.is_empty()
             || (st.listener_ready && st.backoff_until.is_none() && self.accepting())
             || self.stop_wakes.load(Ordering::Acquire) != seen;
         let timeout = if busy {
             Some(Duration::ZERO)
         } else {
-            [deadline, st.backoff_until, st.next_idle_check]
+            [deadline, st.backoff_until, st.next_idle_check, st.awaiting.next_deadline()]
                 .into_iter()
                 .flatten()
                 .min()
@@ -502,6 +514,11 @@ impl EventLoop {
                         self.flush(st, LISTENER.0)?;
                     }
                 }
+                _ if st.awaiting.contains(token) => {
+                    if let Some(outcome) = st.awaiting.readable(token) {
+                        self.header_done(st, token, outcome);
+                    }
+                }
                 _ => {
                     if writable {
                         self.flush(st, token)?;
@@ -520,6 +537,27 @@ impl EventLoop {
             }
         }
         Ok(woken || !st.pending.is_empty())
+    }
+
+    /// A connection's PROXY protocol header is complete: the connection goes on as a
+    /// newly accepted one (and is read at the next round: what followed the header is
+    /// queued already, with no edge left to announce it); or refused: closed, its slot
+    /// freed, the refusal reported in the callback phase.
+    fn header_done(&self, st: &mut LoopState, token: usize, outcome: HeaderOutcome) {
+        match outcome {
+            HeaderOutcome::Ready(sock, client, local) => {
+                st.pending.push_back(Event::Accepted(token, sock, client, local));
+                st.retry_read.push(token);
+            }
+            HeaderOutcome::Refused(sock, peer, why) => {
+                if let Some(poll) = st.poll.as_ref() {
+                    let _ = poll.registry().deregister(&mut SourceFd(&sock.as_raw_fd()));
+                }
+                drop(sock);
+                st.free.push(token);
+                st.pending.push_back(Event::ProxyRefused(peer, why));
+            }
+        }
     }
 
     fn accept_all(&self, st: &mut LoopState) -> Result<()> {
@@ -550,8 +588,17 @@ impl EventLoop {
                         drop(sock);
                         continue;
                     }
-                    st.pending
-                        .push_back(Event::Accepted(token, sock, peer, local));
+                    match &self.proxy {
+                        None => st.pending.push_back(Event::Accepted(token, sock, peer, local)),
+                        Some(proxy) => {
+                            let policy = proxy.get().policy();
+                            let now = Instant::now();
+                            if let Some(o) = st.awaiting.start(policy, token, sock, peer, local, now)
+                            {
+                                self.header_done(st, token, o);
+                            }
+                        }
+                    }
                 }
                 Err(Error::Os(libc::EAGAIN)) => {
                     st.listener_ready = false;
@@ -980,6 +1027,11 @@ impl EventLoop {
                     })
                     .map(drop);
                     self.after_callback(py, st, LISTENER.0, result)?;
+                }
+                Event::ProxyRefused(peer, why) => {
+                    if let Some(proxy) = &self.proxy {
+                        proxy.get().refused(py, &peer, &why);
+                    }
                 }
                 Event::DatagramError(code) => {
                     self.refresh(py, st, LISTENER.0);
@@ -1523,7 +1575,8 @@ impl Drop for EventLoop {
     fn drop(&mut self) {
         let stale = self.stale();
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        let unclaimed = unclaimed_descriptors(&mut st.pending);
+        let mut unclaimed = unclaimed_descriptors(&mut st.pending);
+        unclaimed.extend(st.awaiting.drain());
         let poll = st.poll.take();
         let waker = self.shared.take_waker();
         let socks: Vec<OwnedFd> = st
@@ -1591,7 +1644,10 @@ impl EventLoop {
     /// given, may refuse a connection; `on_error(transport, address, exc)` reports an
     /// exception raised by a callback; `idle_timeout` closes silent connections.
     #[new]
-    #[pyo3(signature = (fd, family, kind, proto, factory, on_error, verify = None, idle_timeout = None))]
+    ///
+    /// With `proxy`, each accepted connection sends its PROXY protocol header before it
+    /// gets a protocol; its peer address is then the original client.
+    #[pyo3(signature = (fd, family, kind, proto, factory, on_error, verify = None, idle_timeout = None, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         fd: RawFd,
@@ -1602,6 +1658,7 @@ impl EventLoop {
         on_error: Py<PyAny>,
         verify: Option<Py<PyAny>>,
         idle_timeout: Option<f64>,
+        proxy: Option<Py<ProxyPolicy>>,
     ) -> PyResult<EventLoop> {
         if kind == libc::SOCK_STREAM {
             syscall::set_nonblocking(fd, true)?;
@@ -1634,6 +1691,7 @@ impl EventLoop {
                 next_idle_check: None,
                 datagram: None,
                 started: false,
+                awaiting: Awaiting::default(),
             }),
             shared: Arc::new(LoopShared {
                 dirty: Mutex::new(Vec::new()),
@@ -1647,6 +1705,7 @@ impl EventLoop {
             verify,
             on_error,
             idle_timeout,
+            proxy,
             closing: AtomicBool::new(false),
             stop_wakes: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -1743,7 +1802,8 @@ impl EventLoop {
         let poll = st.poll.take();
         let mut conns = std::mem::take(&mut st.conns);
         let datagram = st.datagram.take();
-        let unclaimed = unclaimed_descriptors(&mut st.pending);
+        let mut unclaimed = unclaimed_descriptors(&mut st.pending);
+        unclaimed.extend(st.awaiting.drain());
         drop(guard);
         // Transports may outlive the loop; its eventfd must not.
         let waker = self.shared.take_waker();

@@ -3,10 +3,12 @@
 //!
 //! - [`event_loop`]: `EventLoop`, its detached I/O phase and attached callback phase;
 //! - [`transport`]: what protocols write to (queues, flow control, extra info);
+//! - [`proxy`]: connections still sending their PROXY protocol header;
 //! - [`native`]: `NativeEcho`, a protocol in Rust (the benchmark's ceiling).
 
 pub mod event_loop;
 pub mod native;
+pub mod proxy;
 pub mod transport;
 
 use pyo3::prelude::*;

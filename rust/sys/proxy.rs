@@ -452,10 +452,10 @@ impl Policy {
         self.trusted.iter().any(|n| n.contains(&ip))
     }
 
-    /// Check `peer`, then read its header from `fd` (meant to run detached). Only the
-    /// header's bytes are taken from the socket. `Error::Interrupted` (a signal) may be
-    /// returned: call again with the same `parser` and `deadline`, which keep the
-    /// progress.
+    /// Check `peer`, then read its header from `fd` (meant to run detached), waiting
+    /// for it until `deadline`. Only the header's bytes are taken from the socket.
+    /// `Error::Interrupted` (a signal) may be returned: call again with the same
+    /// `parser` and `deadline`, which keep the progress.
     pub fn read(
         &self,
         fd: RawFd,
@@ -464,44 +464,57 @@ impl Policy {
         deadline: Option<Instant>,
     ) -> Result<Verdict> {
         if !self.trusts(peer) {
-            return Ok(Verdict::Refused("a peer outside proxy_trusted".into()));
+            return Ok(Verdict::Refused(UNTRUSTED.into()));
         }
-        let mut buf = [0u8; V2_FIXED + V2_MAX_BODY];
         loop {
-            let room = parser.room();
-            let peek = !parser.exact();
-            let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
-            let n = match syscall::recv(fd, &mut buf[..room], flags, Mode::NonBlocking, None) {
-                Ok(0) => return Ok(Verdict::Refused("closed before the header was complete".into())),
-                Ok(n) => n,
-                Err(Error::Os(libc::EAGAIN)) => {
-                    match syscall::wait_fd(fd, libc::POLLIN, deadline) {
-                        Ok(()) => continue,
-                        Err(Error::Timeout) => {
-                            return Ok(Verdict::Refused("no complete header in time".into()))
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
-                Err(Error::Os(code)) => {
-                    return Ok(Verdict::Refused(crate::error::strerror(code)));
-                }
-                Err(err) => return Err(err),
-            };
-            let (taken, verdict) = match parser.feed(&buf[..n]) {
-                Step::NeedMore => (n, None),
-                Step::Done(header, k) => (
-                    k,
-                    Some(Verdict::Admitted(header.source.as_ref().map(Endpoint::to_raw))),
-                ),
-                Step::Invalid(reason) => return Ok(Verdict::Refused(reason.into())),
-            };
-            if peek {
-                discard(fd, &mut buf[..taken])?;
-            }
-            if let Some(verdict) = verdict {
+            if let Some(verdict) = read_available(fd, parser)? {
                 return Ok(verdict);
             }
+            match syscall::wait_fd(fd, libc::POLLIN, deadline) {
+                Ok(()) => {}
+                Err(Error::Timeout) => return Ok(Verdict::Refused(LATE.into())),
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// Why a peer outside the trusted networks is refused.
+pub const UNTRUSTED: &str = "a peer outside proxy_trusted";
+/// Why a header that did not complete before its deadline is refused.
+pub const LATE: &str = "no complete header in time";
+
+/// Feed `parser` what `fd` has queued, without waiting: the verdict, or None when the
+/// header is not complete and nothing more is queued (wait for readability, then call
+/// again). Takes only the header's bytes off the socket.
+pub fn read_available(fd: RawFd, parser: &mut Parser) -> Result<Option<Verdict>> {
+    let mut buf = [0u8; V2_FIXED + V2_MAX_BODY];
+    loop {
+        let room = parser.room();
+        let peek = !parser.exact();
+        let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
+        let n = match syscall::recv(fd, &mut buf[..room], flags, Mode::NonBlocking, None) {
+            Ok(0) => {
+                return Ok(Some(Verdict::Refused("closed before the header was complete".into())))
+            }
+            Ok(n) => n,
+            Err(Error::Os(libc::EAGAIN)) => return Ok(None),
+            Err(Error::Os(code)) => return Ok(Some(Verdict::Refused(crate::error::strerror(code)))),
+            Err(err) => return Err(err),
+        };
+        let (taken, verdict) = match parser.feed(&buf[..n]) {
+            Step::NeedMore => (n, None),
+            Step::Done(header, k) => (
+                k,
+                Some(Verdict::Admitted(header.source.as_ref().map(Endpoint::to_raw))),
+            ),
+            Step::Invalid(reason) => return Ok(Some(Verdict::Refused(reason.into()))),
+        };
+        if peek {
+            discard(fd, &mut buf[..taken])?;
+        }
+        if verdict.is_some() {
+            return Ok(verdict);
         }
     }
 }
