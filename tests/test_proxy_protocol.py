@@ -661,13 +661,14 @@ def test_cli_options_become_server_attributes():
     assert cli.main(["--proxy-trusted", "10.0.0.0/8", "--port", "0"]) == 2
 
 
-def test_cli_serves_the_original_client(unix_dir):
+@pytest.mark.parametrize("extra", [["--threading"], ["--workers", "2", "--threading"], []], ids=["threading", "workers", "inline"])
+def test_cli_serves_the_original_client(unix_dir, extra):
     from test_lifecycle import _cli, _find_address, _stop_cli, child_process
 
     with open(os.path.join(unix_dir, "proxy_cli_mod.py"), "w") as f:
         f.write(CLI_HANDLER)
     env = {"PYTHONPATH": unix_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    args = _cli(["--port", "0", "--threading", "--proxy-protocol", "v1", "proxy_cli_mod:Who"])
+    args = _cli(["--port", "0", *extra, "--proxy-protocol", "v1", "proxy_cli_mod:Who"])
     with child_process(args, cwd=unix_dir, env_extra=env) as (proc, out, err):
         host, port = _find_address(out, err).group(2).rsplit(":", 1)
         _, echoed = exchange((host, int(port)), [v1("203.0.113.5", "10.0.0.1", 6000, 80) + b"hi\n"])
