@@ -48,6 +48,7 @@ fn _settle_closes(py: Python<'_>) {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     blocking::register(m)?;
     evented::register(m)?;
+    m.add_class::<bridge::proxy::ProxyPolicy>()?;
     m.add(
         "PanicException",
         m.py().get_type::<pyo3::panic::PanicException>(),

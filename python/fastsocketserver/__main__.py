@@ -82,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace a worker that for S seconds neither sent its heartbeat nor "
                    "used CPU time (stopped or deadlocked; a busy worker is kept); 0: never "
                    "(default: 30)")
+    x = p.add_argument_group(
+        "behind a load balancer",
+        "With --proxy-protocol every connection must start with a PROXY protocol header "
+        "(HAProxy's send-proxy / send-proxy-v2, also nginx, AWS NLB, ...): the handler's "
+        "client_address is then the original client. A connection without a valid header, "
+        "or from a peer outside --proxy-trusted, is closed with a warning; TCP and Unix "
+        "streams only.",
+    )
+    x.add_argument("--proxy-protocol", choices=("v1", "v2"),
+                   help="read a PROXY protocol header of this version on every connection")
+    x.add_argument("--proxy-trusted", type=_network, action="append", metavar="NETWORK",
+                   help="accept headers only from peers in this network (repeatable; e.g. "
+                   "10.0.0.0/8; default: 127.0.0.0/8 and ::1; Unix socket peers are always "
+                   "trusted)")
+    x.add_argument("--proxy-header-timeout", type=_seconds, metavar="S",
+                   help="seconds a connection may take to send its header (default: 5; 0: no limit)")
     p.add_argument("--fd", type=_count, metavar="N",
                    help="serve the already listening socket on descriptor N instead of binding "
                    "(its family and type decide TCP/UDP/Unix). Without --fd, sockets passed "
@@ -98,6 +114,27 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
     return value
+
+
+def _network(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP network or address: {text!r}") from None
+
+
+def _proxy_attributes(args: argparse.Namespace) -> dict[str, Any]:
+    """The server attributes of the --proxy-* options (none without --proxy-protocol)."""
+    if args.proxy_protocol is None:
+        return {}
+    attrs: dict[str, Any] = {"proxy_protocol": args.proxy_protocol}
+    if args.proxy_trusted:
+        attrs["proxy_trusted"] = tuple(args.proxy_trusted)
+    if args.proxy_header_timeout is not None:
+        attrs["proxy_header_timeout"] = args.proxy_header_timeout or None
+    return attrs
 
 
 def _seconds(text: str) -> float:
@@ -161,7 +198,7 @@ def _server_class(args: argparse.Namespace) -> type:
         base = type("IPv6" + base.__name__, (base,), {"address_family": socket.AF_INET6})
     if args.threading:
         base = type("Threading" + base.__name__, (socketserver.ThreadingMixIn, base), {})
-    cls = type(base.__name__, (base,), {"allow_reuse_address": args.unix is None})
+    cls = type(base.__name__, (base,), {"allow_reuse_address": args.unix is None, **_proxy_attributes(args)})
     prefork = _prefork_attributes(args)
     if prefork is not None:
         cls = type("Prefork" + cls.__name__, (socketserver.PreforkMixIn, cls), prefork)
@@ -184,6 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     if fd is not None and args.reuse_port:
         print("fastsocketserver: --reuse-port binds a socket per worker; it cannot share an "
               "inherited one (--fd, socket activation)", file=sys.stderr)
+        return 2
+    if args.udp and args.proxy_protocol is not None:
+        print("fastsocketserver: --proxy-protocol needs a stream server (TCP or Unix), not --udp",
+              file=sys.stderr)
+        return 2
+    if args.proxy_protocol is None and (args.proxy_trusted or args.proxy_header_timeout is not None):
+        print("fastsocketserver: --proxy-trusted and --proxy-header-timeout need --proxy-protocol",
+              file=sys.stderr)
         return 2
     handler = args.handler or (DatagramEchoHandler if args.udp else LineEchoHandler)
     address: Any = args.unix if args.unix else (args.bind, args.port)

@@ -10,7 +10,9 @@ hand to the Rust engine (``_core``):
   ``handle()``, an ``EventLoop`` for ``asyncio.Protocol``-shaped handlers; accepting in
   the engine only on a plain ``socket.socket`` listener (``plain_listener``), so that an
   ``ssl.SSLSocket``'s ``accept()`` (its handshake) is never bypassed;
-- how exceptions the engine catches reach ``handle_error`` (``HANDLED``).
+- how exceptions the engine catches reach ``handle_error`` (``HANDLED``);
+- a server's PROXY protocol settings as the engine's ``ProxyPolicy`` (``proxy_policy``),
+  and where the engine cannot apply them (``check_proxy``).
 
 The server module registers its own hook implementations here once, when it is
 imported (``register_library``), since they are what "the library's own" means.
@@ -131,6 +133,49 @@ def close(engine: Any, listener: Any) -> None:
         engine.close()
 
 
+def proxy_policy(server: Any) -> _core.ProxyPolicy | None:
+    """``server``'s PROXY protocol settings as the engine applies them, or None when
+    ``proxy_protocol`` is None. Built again only when the attributes change."""
+    version = server.proxy_protocol
+    if version is None:
+        return None
+    trusted = server.proxy_trusted
+    if isinstance(trusted, (str, bytes)):
+        trusted = (trusted,)
+    key = (version, tuple(trusted), server.proxy_header_timeout)
+    cached = server.__dict__.get("_proxy_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if not isinstance(version, str):
+        raise TypeError(f"proxy_protocol must be None, 'v1' or 'v2', not {version!r}")
+    import ipaddress
+
+    networks = []
+    for entry in key[1]:
+        net = ipaddress.ip_network(entry, strict=False)
+        networks.append((net.network_address.packed, net.prefixlen))
+    policy = _core.ProxyPolicy(version, networks, key[2], weak_method(server, "_proxy_refused"))
+    server.__dict__["_proxy_cache"] = (key, policy)
+    return policy
+
+
+def check_proxy(server: Any, kind: int, accepting: bool, protocol: bool) -> None:
+    """Refuse, with a ``TypeError``, a ``proxy_protocol`` the engine cannot apply: the
+    header is read off the connections the engine accepts itself, on stream sockets."""
+    if server.proxy_protocol is None:
+        return
+    name = type(server).__name__
+    if kind != socket.SOCK_STREAM:
+        raise TypeError(f"{name}: proxy_protocol needs a stream server (the PROXY protocol precedes a stream)")
+    if not accepting:
+        raise TypeError(
+            f"{name}: proxy_protocol needs the engine to accept the connections: the server's "
+            "socket must be a plain socket.socket and get_request() the library's own (an "
+            "overridden get_request() or a TLS socket would read the stream before the header)"
+        )
+    proxy_policy(server)  # bad settings fail here, before the first connection
+
+
 def make_engine(server: Any, fd: int, sock: Any) -> Any:
     """The engine object that serves ``server`` on listener ``sock`` (descriptor
     ``fd``): an ``EventLoop`` for a protocol handler, else a ``Reactor`` that accepts in
@@ -141,7 +186,9 @@ def make_engine(server: Any, fd: int, sock: Any) -> Any:
         family, kind, proto = socket.AF_UNSPEC, 0, 0
     plain = plain_listener(sock, kind)
     accepting = plain and library_get_request(server, kind)
-    if not is_protocol_class(server.RequestHandlerClass):
+    protocol = is_protocol_class(server.RequestHandlerClass)
+    check_proxy(server, kind, accepting, protocol)
+    if not protocol:
         return _core.Reactor(fd, family, kind, proto, accepting)
     name = type(server).__name__
     if not plain:
@@ -169,4 +216,5 @@ def make_engine(server: Any, fd: int, sock: Any) -> Any:
         weak_method(server, "_report_error"),
         verify,
         server.idle_timeout,
+        proxy_policy(server),
     )

@@ -47,6 +47,23 @@ class BaseServer:
     #: Protocol handlers only (an extension): close connections silent this many
     #: seconds, with ``connection_lost(TimeoutError())``. None keeps them open.
     idle_timeout: float | None = None
+    #: The PROXY protocol (an extension): None, or "v1" / "v2" for the header a load
+    #: balancer (HAProxy's ``send-proxy`` / ``send-proxy-v2``) sends first on every
+    #: connection. The engine reads it before the handler runs, and ``client_address``
+    #: is then the original client (``request.getpeername()`` stays the proxy). A
+    #: ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header keeps the connection's own address.
+    #: Strict: every connection must start with a header of that version; one that
+    #: does not, a malformed one, or one from a peer outside ``proxy_trusted`` closes
+    #: that connection (a warning on the ``fastsocketserver`` logger), and no handler
+    #: runs. Stream servers whose connections the engine accepts (the library's own
+    #: ``get_request`` on a plain socket): anything else is a ``TypeError`` when serving.
+    proxy_protocol: str | None = None
+    #: The networks (``ipaddress.ip_network`` strings) from which headers are accepted.
+    #: Peers of a Unix socket server are always trusted (the socket file's permissions
+    #: decide who connects). ``("0.0.0.0/0", "::/0")`` trusts every peer.
+    proxy_trusted: Any = ("127.0.0.0/8", "::1")
+    #: Seconds a connection may take to send its whole header (None: no limit).
+    proxy_header_timeout: float | None = 5.0
     # False for servers that cannot run protocol handlers (ForkingMixIn).
     _serves_protocols = True
 
@@ -112,6 +129,15 @@ class BaseServer:
             self.handle_error(request, client_address)
         finally:
             del exc
+
+    def _proxy_refused(self, client_address: Any, reason: str) -> None:
+        """A connection's PROXY protocol header was refused and the connection closed:
+        a warning on the ``fastsocketserver`` logger (not ``handle_error``: no handler ran)."""
+        import logging
+
+        logging.getLogger("fastsocketserver").warning(
+            "PROXY protocol: closed the connection from %s: %s", client_address, reason
+        )
 
     def _close_reactor(self) -> None:
         reactor, self.__reactor = self.__reactor, None
@@ -179,8 +205,9 @@ class BaseServer:
             pool = self._engine_pool(reactor.kind)
             library = pool is not None or _engine.library_dispatch(self, reactor.kind)
             report = self._report_error if library else None
+            proxy = _engine.proxy_policy(self) if library else None
             return reactor.serve(
-                self, poll_interval, self._handle_accepted, actions, listener, bufsize, report, pool, listener
+                self, poll_interval, self._handle_accepted, actions, listener, bufsize, report, pool, listener, proxy
             )
         return reactor.serve(self, poll_interval, self._handle_request_noblock, actions, listener=listener)
 
@@ -237,6 +264,16 @@ class BaseServer:
         self._handle_accepted(request, client_address)
 
     def _handle_accepted(self, request: Any, client_address: Any) -> None:
+        if self.proxy_protocol is not None and type(request) is _core.Connection:
+            # The compatible path (a hook is overridden, or handle_request()): the
+            # header is read here, before verify_request(), so that every hook sees
+            # the original client; a refused header ends the request as a refused one.
+            policy = _engine.proxy_policy(self)
+            if policy is not None:
+                client_address = request._read_proxy_header(policy, client_address)
+                if client_address is None:
+                    self.shutdown_request(request)
+                    return
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)

@@ -13,6 +13,7 @@ use crate::blocking::reader::SocketReader;
 use crate::blocking::writer::SocketWriter;
 use crate::bridge::address;
 use crate::bridge::buffer::RawBuffer;
+use crate::bridge::proxy::ProxyPolicy;
 use crate::bridge::wait::blocking;
 use crate::error::Error;
 use crate::sys::descriptor::SocketCore;
@@ -843,6 +844,32 @@ impl Connection {
         let rc = py.detach(|| unsafe { libc::shutdown(usage.fd, how) });
         syscall::check(rc)?;
         Ok(())
+    }
+
+    /// Read this connection's PROXY protocol header under `policy` (the server's
+    /// compatible path, where its own hooks run): the client address the handler should
+    /// see (`client_address` itself for a LOCAL or UNKNOWN header), or None when the
+    /// header was refused (the caller then ends the request as a refused one).
+    fn _read_proxy_header(
+        &self,
+        py: Python<'_>,
+        policy: &Bound<'_, ProxyPolicy>,
+        client_address: Py<PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let usage = self.core.begin()?;
+        let peer = syscall::sock_name(usage.fd, true)?;
+        let Some(client) = policy.get().admit(py, usage.fd, &peer)? else {
+            return Ok(None);
+        };
+        drop(usage);
+        // The peer itself (no header address): keep the object the caller has.
+        let same = client.len == peer.len
+            && client.storage.ss_family == peer.storage.ss_family
+            && address::to_python(py, &client)?.eq(address::to_python(py, &peer)?)?;
+        if same {
+            return Ok(Some(client_address));
+        }
+        Ok(Some(address::to_python(py, &client)?.unbind()))
     }
 
     /// Close the connection; the descriptor itself closes once files made from it close.

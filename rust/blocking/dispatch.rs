@@ -15,12 +15,13 @@
 
 use crate::blocking::connection::Connection;
 use crate::bridge::address;
+use crate::bridge::proxy::ProxyPolicy;
 use crate::error::{catch_panic, is_handled};
 use crate::sys::syscall::RawAddr;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 
 /// A request taken from the listening socket, not yet seen by Python. Dropping it
 /// unhandled closes an accepted connection.
@@ -37,6 +38,10 @@ pub struct Dispatch {
     sock: Py<PyAny>,
     family: i32,
     proto: i32,
+    /// The server's PROXY protocol settings: a stream request's header is read (and the
+    /// connection closed if it is refused) before the handler runs, on whichever
+    /// thread runs the request.
+    proxy: Option<Py<ProxyPolicy>>,
 }
 
 /// The Python side of one request: `request`, `client_address`, and the connection
@@ -85,6 +90,7 @@ impl Dispatch {
         sock: Option<&Bound<'_, PyAny>>,
         family: i32,
         proto: i32,
+        proxy: Option<&Bound<'_, ProxyPolicy>>,
     ) -> Dispatch {
         let py = server.py();
         Dispatch {
@@ -93,6 +99,28 @@ impl Dispatch {
             sock: sock.map_or_else(|| py.None(), |s| s.clone().unbind()),
             family,
             proto,
+            proxy: proxy.map(|p| p.clone().unbind()),
+        }
+    }
+
+    /// The request with its PROXY protocol header read (its client address the
+    /// original client's), or None when the header was refused and the connection
+    /// closed. Without a policy, or for a datagram, the request as it is.
+    fn admit(&self, py: Python<'_>, taken: Taken) -> PyResult<Option<Taken>> {
+        let (Some(proxy), Taken::Stream(fd, peer)) = (&self.proxy, &taken) else {
+            return Ok(Some(taken));
+        };
+        match proxy.get().admit(py, fd.as_raw_fd(), peer) {
+            Ok(Some(client)) => match taken {
+                Taken::Stream(fd, _) => Ok(Some(Taken::Stream(fd, client))),
+                Taken::Datagram(..) => unreachable!("a stream request"),
+            },
+            // Refused, or a signal handler raised: the connection is closed detached
+            // (closing a TCP socket runs the peer's receive path on loopback).
+            outcome => {
+                py.detach(move || drop(taken));
+                outcome.map(|_| None)
+            }
         }
     }
 
@@ -127,6 +155,9 @@ impl Dispatch {
     /// `KeyboardInterrupt` escapes it (then re-raised), but not when `handle_error`
     /// itself raised (the stdlib leaves it to be collected).
     pub fn run_inline(&self, py: Python<'_>, taken: Taken) -> PyResult<()> {
+        let Some(taken) = self.admit(py, taken)? else {
+            return Ok(());
+        };
         let req = self.to_python(py, taken)?;
         let outcome = match self.handle(py, &req) {
             Ok(()) => Ok(()),
@@ -143,6 +174,9 @@ impl Dispatch {
     /// and closed whatever happened (its `finally`), and what escapes is returned for
     /// `threading.excepthook`.
     pub fn run_threaded(&self, py: Python<'_>, taken: Taken) -> PyResult<()> {
+        let Some(taken) = self.admit(py, taken)? else {
+            return Ok(());
+        };
         let req = self.to_python(py, taken)?;
         let outcome = self.handle(py, &req);
         if let Some(conn) = &req.conn {

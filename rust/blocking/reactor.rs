@@ -35,6 +35,7 @@ use crate::blocking::connection::Connection;
 use crate::blocking::dispatch::{Dispatch, Taken};
 use crate::blocking::pool::{self, Job, Refused, Work, WorkerPool};
 use crate::bridge::address;
+use crate::bridge::proxy::ProxyPolicy;
 use crate::bridge::wait::{blocking, Held, Turn};
 use crate::error::{Error, Result};
 use crate::sys::syscall::{self, Mode, RawAddr};
@@ -513,7 +514,11 @@ impl Reactor {
     /// object; when it was replaced (closed and another socket assigned, even one with
     /// the same descriptor number), the loop ends and returns True so that the server
     /// can make a reactor for the new socket and go on. Otherwise it returns False.
-    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None, pool = None, listener = None))]
+    ///
+    /// With `proxy` (and `report`), each connection's PROXY protocol header is read
+    /// where the request runs (a pool worker, or inline with the policy's timeout)
+    /// before its handler; the `handle` path reads it itself (`_handle_accepted`).
+    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None, pool = None, listener = None, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
@@ -527,6 +532,7 @@ impl Reactor {
         report: Option<&Bound<'_, PyAny>>,
         pool: Option<&Bound<'_, WorkerPool>>,
         listener: Option<&Bound<'_, PyAny>>,
+        proxy: Option<&Bound<'_, ProxyPolicy>>,
     ) -> PyResult<bool> {
         let want = || match (self.accepting, self.kind) {
             (false, _) => Want::Readiness,
@@ -542,6 +548,7 @@ impl Reactor {
                 Some(sock),
                 self.family,
                 self.proto,
+                proxy,
             ))
         });
         let pool = pool

@@ -246,6 +246,11 @@ impl EventLoop {
                     self.on_datagram(py, st, start, len, from)?
                 }
                 Event::DatagramError { code } => self.on_datagram_error(py, st, code)?,
+                Event::ProxyRefused { peer, why } => {
+                    if let Some(proxy) = &self.proxy {
+                        proxy.get().refused(py, &peer, &why);
+                    }
+                }
             }
         }
     }

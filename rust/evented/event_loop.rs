@@ -21,6 +21,7 @@
 //! No system call is made with the GIL held on this path: `close()` makes its closes
 //! detached, and the destructor hands what it owns to the closer.
 
+use crate::bridge::proxy::ProxyPolicy;
 use crate::bridge::wait::{blocking, lock};
 use crate::error::{catch_panic, Error};
 use crate::evented::channel::LoopShared;
@@ -58,6 +59,9 @@ pub struct EventLoop {
     pub(super) verify: Option<Py<PyAny>>,
     pub(super) on_error: Py<PyAny>,
     pub(super) idle_timeout: Option<Duration>,
+    /// The server's PROXY protocol settings: connections wait in `awaiting` until
+    /// their header is read.
+    pub(super) proxy: Option<Py<ProxyPolicy>>,
     /// `close()` was called while a round held the loop; the round finishes it.
     pub(super) closing: AtomicBool,
     /// Open connections (what `connections` reports, also from inside a callback).
@@ -202,7 +206,8 @@ impl Drop for EventLoop {
     fn drop(&mut self) {
         let stale = self.stale();
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        let unclaimed = unclaimed_descriptors(&mut st.pending);
+        let mut unclaimed = unclaimed_descriptors(&mut st.pending);
+        unclaimed.extend(st.awaiting.drain());
         let poll = st.poll.take();
         let waker = self.shared.take_waker();
         let socks = take_sockets(&mut st.conns);
@@ -239,7 +244,10 @@ impl EventLoop {
     /// given, may refuse a connection; `on_error(transport, address, exc)` reports an
     /// exception raised by a callback; `idle_timeout` closes silent connections.
     #[new]
-    #[pyo3(signature = (fd, family, kind, proto, factory, on_error, verify = None, idle_timeout = None))]
+    ///
+    /// With `proxy`, each accepted connection sends its PROXY protocol header before it
+    /// gets a protocol; its peer address is then the original client.
+    #[pyo3(signature = (fd, family, kind, proto, factory, on_error, verify = None, idle_timeout = None, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         fd: RawFd,
@@ -250,6 +258,7 @@ impl EventLoop {
         on_error: Py<PyAny>,
         verify: Option<Py<PyAny>>,
         idle_timeout: Option<f64>,
+        proxy: Option<Py<ProxyPolicy>>,
     ) -> PyResult<EventLoop> {
         if kind == libc::SOCK_STREAM {
             syscall::set_nonblocking(fd, true)?;
@@ -267,6 +276,7 @@ impl EventLoop {
             verify,
             on_error,
             idle_timeout,
+            proxy,
             closing: AtomicBool::new(false),
             stop_wakes: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -346,7 +356,8 @@ impl EventLoop {
         let poll = st.poll.take();
         let mut conns = std::mem::take(&mut st.conns);
         let datagram = st.datagram.take();
-        let unclaimed = unclaimed_descriptors(&mut st.pending);
+        let mut unclaimed = unclaimed_descriptors(&mut st.pending);
+        unclaimed.extend(st.awaiting.drain());
         drop(guard);
         // Transports may outlive the loop; its eventfd must not.
         let waker = self.shared.take_waker();

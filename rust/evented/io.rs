@@ -14,8 +14,10 @@
 use crate::error::{Error, Result};
 use crate::evented::channel::ChanState;
 use crate::evented::event_loop::EventLoop;
+use crate::evented::proxy::Outcome as HeaderOutcome;
 use crate::evented::state::{conn_mut, Conn, DatagramEndpoint, Event, LoopState, Lost};
 use crate::evented::state::{FIRST_CONN, LISTENER, WAKER};
+use crate::sys::proxy::Policy;
 use crate::sys::syscall::{self, Mode, RawAddr};
 use mio::event::Event as Ready;
 use mio::unix::SourceFd;
@@ -86,6 +88,9 @@ impl EventLoop {
             st.backoff_until = None;
         }
         self.check_idle(st, now);
+        for (token, outcome) in st.awaiting.expired(now) {
+            header_done(st, token, outcome);
+        }
         let timeout = self.poll_timeout(st, deadline, seen, now);
         let LoopState { poll, events, .. } = st;
         let poll = poll.as_mut().ok_or(Error::Os(libc::EBADF))?;
@@ -138,11 +143,16 @@ impl EventLoop {
         if busy {
             return Some(Duration::ZERO);
         }
-        [deadline, st.backoff_until, st.next_idle_check]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|t| t.saturating_duration_since(now))
+        [
+            deadline,
+            st.backoff_until,
+            st.next_idle_check,
+            st.awaiting.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.saturating_duration_since(now))
     }
 
     /// Act on what the poller reported: send to the writable, read the readable, note a
@@ -159,6 +169,11 @@ impl EventLoop {
                     }
                     if r.writable && st.datagram.is_some() {
                         self.flush(st, LISTENER.0)?;
+                    }
+                }
+                _ if st.awaiting.contains(r.token) => {
+                    if let Some(outcome) = st.awaiting.readable(r.token) {
+                        header_done(st, r.token, outcome);
                     }
                 }
                 _ => {
@@ -180,7 +195,10 @@ impl EventLoop {
     fn accept_all(&self, st: &mut LoopState) -> Result<()> {
         for _ in 0..ACCEPT_BUDGET {
             match syscall::accept(self.fd, true) {
-                Ok((sock, peer)) => register_accepted(st, sock, peer),
+                Ok((sock, peer)) => {
+                    let policy = self.proxy.as_ref().map(|p| p.get().policy());
+                    register_accepted(st, sock, peer, policy)
+                }
                 Err(Error::Os(libc::EAGAIN)) => {
                     st.listener_ready = false;
                     return Ok(());
@@ -510,8 +528,9 @@ fn send_stream(
 
 /// Register a connection just accepted (detached) in a slot reserved for it, and queue
 /// its [`Event::Accepted`]; the connection's objects are made in the callback phase.
-/// One the poller refuses is closed here (its slot freed).
-fn register_accepted(st: &mut LoopState, sock: OwnedFd, peer: RawAddr) {
+/// One the poller refuses is closed here (its slot freed). With a PROXY protocol
+/// `policy` the connection first waits in `awaiting` for its header.
+fn register_accepted(st: &mut LoopState, sock: OwnedFd, peer: RawAddr, policy: Option<&Policy>) {
     let fd = sock.as_raw_fd();
     let local = syscall::sock_name(fd, false).unwrap_or_else(|_| RawAddr::empty());
     let token = match st.free.pop() {
@@ -533,12 +552,45 @@ fn register_accepted(st: &mut LoopState, sock: OwnedFd, peer: RawAddr) {
         drop(sock);
         return;
     }
+    if let Some(policy) = policy {
+        let now = Instant::now();
+        if let Some(outcome) = st.awaiting.start(policy, token, sock, peer, local, now) {
+            header_done(st, token, outcome);
+        }
+        return;
+    }
     st.pending.push_back(Event::Accepted {
         token,
         sock,
         peer,
         local,
     });
+}
+
+/// A connection's PROXY protocol header is complete: the connection goes on as a
+/// newly accepted one (read at the next round: what followed the header is queued
+/// already, with no edge left to announce it); or refused: closed, its slot freed, the
+/// refusal reported in the callback phase.
+fn header_done(st: &mut LoopState, token: usize, outcome: HeaderOutcome) {
+    match outcome {
+        HeaderOutcome::Ready(sock, client, local) => {
+            st.pending.push_back(Event::Accepted {
+                token,
+                sock,
+                peer: client,
+                local,
+            });
+            st.retry_read.push(token);
+        }
+        HeaderOutcome::Refused(sock, peer, why) => {
+            if let Some(poll) = st.poll.as_ref() {
+                let _ = poll.registry().deregister(&mut SourceFd(&sock.as_raw_fd()));
+            }
+            drop(sock);
+            st.free.push(token);
+            st.pending.push_back(Event::ProxyRefused { peer, why });
+        }
+    }
 }
 
 /// Record `n` bytes read at `start` of the arena: appended to the last event when that

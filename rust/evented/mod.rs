@@ -8,6 +8,7 @@
 //! - [`channel`]: what a transport shares with its loop, with both halves of flow
 //!   control;
 //! - [`transport`]: what protocols write to (limits, extra info, `set_protocol`);
+//! - [`proxy`]: connections still sending their PROXY protocol header;
 //! - [`native`]: `NativeEcho`, a protocol in Rust (the benchmark's ceiling).
 
 mod callbacks;
@@ -15,6 +16,7 @@ pub mod channel;
 pub mod event_loop;
 mod io;
 pub mod native;
+pub mod proxy;
 mod state;
 pub mod transport;
 

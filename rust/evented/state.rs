@@ -13,6 +13,7 @@
 //! closes a bare number.
 
 use crate::evented::channel::{Channel, LoopShared, CURRENT_LOOP};
+use crate::evented::proxy::Awaiting;
 use crate::evented::transport::BaseTransport;
 use crate::sys::syscall::RawAddr;
 use mio::{Events, Poll, Token};
@@ -72,6 +73,9 @@ pub enum Event {
     },
     /// A datagram socket's error (`errno`), for `error_received()`.
     DatagramError { code: i32 },
+    /// A connection's PROXY protocol header was refused (it is closed already): the
+    /// peer, and why, for the server's log.
+    ProxyRefused { peer: RawAddr, why: String },
 }
 
 /// How a connection's protocol takes received data.
@@ -191,6 +195,8 @@ pub struct LoopState {
     pub datagram: Option<DatagramEndpoint>,
     /// The first round ran (it makes the datagram endpoint).
     pub started: bool,
+    /// Connections still sending their PROXY protocol header (see `evented::proxy`).
+    pub awaiting: Awaiting,
 }
 
 impl LoopState {
@@ -208,6 +214,7 @@ impl LoopState {
             next_idle_check: None,
             datagram: None,
             started: false,
+            awaiting: Awaiting::default(),
         }
     }
 }
