@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from supervised import children, run, wait_for
+from supervised import run, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process model")
 
@@ -266,3 +266,37 @@ def test_operator_flags_reach_the_server_class(docroot):
         import fastsocketserver as fss
 
         assert not isinstance(plain, fss.PreforkMixIn) and plain.proxy_protocol is None
+
+
+@pytest.fixture
+def notify_socket():
+    with tempfile.TemporaryDirectory(prefix="fsshttpcli", dir="/tmp") as tmp:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(os.path.join(tmp, "notify"))
+            sock.settimeout(20)
+            yield sock
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["inline", "workers"])
+def test_socket_activation_serves_the_passed_socket_and_notifies(docroot, notify_socket, extra):
+    from test_systemd import LAUNCHER
+
+    env = {**os.environ, "NOTIFY_SOCKET": notify_socket.getsockname()}
+    with loopback_listener() as sock:
+        port = sock.getsockname()[1]
+        # The launcher moves the socket to descriptor 3 and sets LISTEN_FDS/LISTEN_PID
+        # for the process it execs, as systemd does.
+        argv = [sys.executable, "-c", LAUNCHER, str(sock.fileno()), "web", "0",
+                "-u", "-m", "fastsocketserver.http", "--directory", docroot, *extra]
+        with run({}, argv=argv, env=env, pass_fds=(sock.fileno(),)) as sup:
+            sock.close()
+            assert BANNER.match(sup.info["line"]).groups() == ("127.0.0.1", str(port))
+            assert notify_socket.recv(200).startswith(b"READY=1")
+            if extra:
+                wait_for(lambda: len(sup.workers()) == 2, message="2 workers")
+            assert get(port, "/hello.txt") == (200, CONTENT)
+            sup.signal(signal.SIGTERM)
+            if extra:
+                assert notify_socket.recv(200) == b"STOPPING=1"
+            assert sup.wait() == (0 if extra else -signal.SIGTERM)
+            sup.assert_gone()
