@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
             print("\nKeyboard interrupt received, exiting.")
             sys.exit(0)
         except WorkerCrashLoop as exc:
-            sys.exit(f"{parser.prog}: {exc}")
+            # The exit status python -m fastsocketserver gives a crash loop.
+            print(f"{parser.prog}: {exc}", file=sys.stderr, flush=True)
+            sys.exit(3)
 
 
 if __name__ == "__main__":
