@@ -30,9 +30,13 @@ import time
 import pytest
 
 # Tests live in folders by concern (blocking/, evented/, conformance/, stress/, workers/);
-# the helpers they share (this module, handler_probe) are here, one level up.
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the helpers they share (this module, handler_probe) are here, one level up. A few test
+# modules reuse another folder's helpers (the CLI runner of blocking/test_lifecycle), so
+# every folder is importable, whichever folders a run collects.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _folder in ("", "blocking", "evented", "conformance", "stress", "workers"):
+    if os.path.join(_TESTS, _folder).rstrip(os.sep) not in sys.path:
+        sys.path.append(os.path.join(_TESTS, _folder).rstrip(os.sep))
 
 CLIENT_TIMEOUT = 10.0
 JOIN_TIMEOUT = 10.0
