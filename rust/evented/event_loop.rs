@@ -101,7 +101,7 @@ impl EventLoop {
             Ok(guard) => Some(guard),
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => {
-                if !self.stale() {
+                if !self.forked() {
                     let _ = py.detach(|| self.shared.wake());
                 }
                 if self.running_here() {
@@ -204,7 +204,7 @@ impl Drop for EventLoop {
     /// wait on a thread that needs the GIL: its only other holders (`wake`, `close`)
     /// hold it for a non-blocking system call at most.
     fn drop(&mut self) {
-        let stale = self.stale();
+        let stale = self.forked();
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let mut unclaimed = unclaimed_descriptors(&mut st.pending);
         unclaimed.extend(st.awaiting.drain());
@@ -316,14 +316,11 @@ impl EventLoop {
             service_actions,
             &self.stop_wakes,
             |stop, seen| {
-                if self.stale() {
+                if self.forked() {
                     return Ok(true);
                 }
                 self.round(py, poll_interval, seen)?;
-                Ok(self.closing.load(Ordering::Acquire)
-                    || self.forked()
-                    || self.stale()
-                    || stop.is_set()?)
+                Ok(self.closing.load(Ordering::Acquire) || self.forked() || stop.is_set()?)
             },
         )
     }
@@ -332,7 +329,7 @@ impl EventLoop {
     ///
     /// In a forked child it does nothing: the eventfd is the parent's.
     fn wake(&self) -> PyResult<()> {
-        if self.stale() {
+        if self.forked() {
             return Ok(());
         }
         self.stop_wakes.fetch_add(1, Ordering::AcqRel);
@@ -373,7 +370,7 @@ impl EventLoop {
             drop(waker);
         });
         self.open.store(0, Ordering::Relaxed);
-        if self.stale() {
+        if self.forked() {
             // A forked child's copy: the connections and their protocols are the
             // parent's; the child only lets go of its descriptors.
             return Ok(());
@@ -436,7 +433,7 @@ impl EventLoop {
             // waiting for it would never end. asyncio refuses the same way.
             return Err(PyRuntimeError::new_err(ALREADY_RUNNING));
         }
-        if self.stale() {
+        if self.forked() {
             return Err(PyRuntimeError::new_err(FORKED));
         }
         let deadline = crate::bridge::wait::deadline_after(timeout)?;

@@ -76,6 +76,14 @@ def joined(thread: threading.Thread, timeout: float) -> bool:
     return not thread.is_alive()
 
 
+def stop_serving(server, serve: threading.Thread, result: dict) -> None:
+    """Shut ``server`` down (bounded), record whether ``shutdown()`` and the serving
+    thread returned, and close it."""
+    result["shutdown_returned"] = call_with_timeout(server.shutdown, timeout=5.0)[0]
+    result["serve_forever_returned"] = joined(serve, 5.0)
+    server.server_close()
+
+
 def line_echo_handler(mod):
     class Echo(mod.StreamRequestHandler):
         def handle(self):
@@ -149,9 +157,7 @@ def scenario_handle_request_beside_serve_forever(mod) -> dict:
         result["served_meanwhile"] = exchange(server.server_address, b"still serving\n",
                                               timeout=5.0).decode()
     finally:
-        result["shutdown_returned"] = call_with_timeout(server.shutdown, timeout=5.0)[0]
-        result["serve_forever_returned"] = joined(serve, 5.0)
-        server.server_close()
+        stop_serving(server, serve, result)
     return result
 
 
@@ -251,9 +257,7 @@ def fork_scenario(mod, threading_server: bool, idle_workers: int = 0) -> dict:
             while "child" not in result and time.monotonic() < deadline:
                 time.sleep(0.02)
     finally:
-        result["shutdown_returned"] = call_with_timeout(server.shutdown, timeout=5.0)[0]
-        result["serve_forever_returned"] = joined(serve, 5.0)
-        server.server_close()
+        stop_serving(server, serve, result)
     return result
 
 
@@ -388,9 +392,7 @@ def scenario_replaced_listener_shutdown(mod) -> dict:
         except OSError as exc:
             result["reply"] = repr(exc)
     finally:
-        result["shutdown_returned"] = call_with_timeout(server.shutdown, timeout=5.0)[0]
-        result["serve_forever_returned"] = joined(serve, 5.0)
-        server.server_close()
+        stop_serving(server, serve, result)
     return result
 
 
