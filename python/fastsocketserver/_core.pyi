@@ -168,11 +168,11 @@ class Reactor:
         poll_interval: float | None,
         handle: Callable[..., Any],
         service_actions: Callable[[], Any] | None = None,
-        sock: Any = None,
+        *,
+        listener: Any = None,
         bufsize: int = 8192,
         report: Callable[[Any, Any, BaseException], Any] | None = None,
         pool: WorkerPool | None = None,
-        listener: Any = None,
         proxy: ProxyPolicy | None = None,
     ) -> bool: ...
     def wake(self) -> None: ...

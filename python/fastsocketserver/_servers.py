@@ -207,7 +207,15 @@ class BaseServer:
             report = self._report_error if library else None
             proxy = _engine.proxy_policy(self) if library else None
             return reactor.serve(
-                self, poll_interval, self._handle_accepted, actions, listener, bufsize, report, pool, listener, proxy
+                self,
+                poll_interval,
+                self._handle_accepted,
+                actions,
+                listener=listener,
+                bufsize=bufsize,
+                report=report,
+                pool=pool,
+                proxy=proxy,
             )
         return reactor.serve(self, poll_interval, self._handle_request_noblock, actions, listener=listener)
 

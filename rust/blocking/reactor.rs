@@ -510,7 +510,9 @@ impl Reactor {
     /// round. When the pool refuses one (at `max_threads`, closed) it goes through
     /// `handle`, whose `process_request` waits for room as the stdlib path does.
     ///
-    /// With `listener` given, every round checks that `server.socket` is still that
+    /// `listener` is `server.socket` as the server saw it when the loop started: the
+    /// `sock` of each datagram request and the listener a connection's request refers
+    /// to. With it given, every round checks that `server.socket` is still that
     /// object; when it was replaced (closed and another socket assigned, even one with
     /// the same descriptor number), the loop ends and returns True so that the server
     /// can make a reactor for the new socket and go on. Otherwise it returns False.
@@ -518,7 +520,9 @@ impl Reactor {
     /// With `proxy` (and `report`), each connection's PROXY protocol header is read
     /// where the request runs (a pool worker, or inline with the policy's timeout)
     /// before its handler; the `handle` path reads it itself (`_handle_accepted`).
-    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, sock = None, bufsize = 8192, report = None, pool = None, listener = None, proxy = None))]
+    ///
+    /// Everything after `service_actions` is keyword-only.
+    #[pyo3(signature = (server, poll_interval, handle, service_actions = None, *, listener = None, bufsize = 8192, report = None, pool = None, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
@@ -527,11 +531,10 @@ impl Reactor {
         poll_interval: Option<f64>,
         handle: &Bound<'_, PyAny>,
         service_actions: Option<&Bound<'_, PyAny>>,
-        sock: Option<&Bound<'_, PyAny>>,
+        listener: Option<&Bound<'_, PyAny>>,
         bufsize: usize,
         report: Option<&Bound<'_, PyAny>>,
         pool: Option<&Bound<'_, WorkerPool>>,
-        listener: Option<&Bound<'_, PyAny>>,
         proxy: Option<&Bound<'_, ProxyPolicy>>,
     ) -> PyResult<bool> {
         let want = || match (self.accepting, self.kind) {
@@ -540,7 +543,7 @@ impl Reactor {
             (true, _) => Want::Accept,
         };
         let none = py.None().into_bound(py);
-        let sock = sock.unwrap_or(&none);
+        let sock = listener.unwrap_or(&none);
         let dispatch = report.map(|r| {
             Arc::new(Dispatch::new(
                 server,
