@@ -82,7 +82,8 @@ impl From<Error> for PyErr {
 }
 
 /// `OSError(errno, strerror)` built now, so that CPython's `OSError.__new__` picks the
-/// subclass for `errno` (a lazily raised `OSError` would keep the base type).
+/// subclass for `errno` (a lazily raised `OSError` would keep the base type). Errors are
+/// converted where a `PyResult` is returned, always attached: this attach crosses nothing.
 fn os_error(code: i32) -> PyErr {
     Python::attach(
         |py| match py.get_type::<PyOSError>().call1((code, strerror(code))) {

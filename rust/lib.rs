@@ -38,7 +38,7 @@ fn _normalize_address<'py>(
 /// that count descriptors after a garbage collection.
 #[pyfunction]
 fn _settle_closes(py: Python<'_>) {
-    py.detach(sys::closer::settle);
+    bridge::wait::detached(py, sys::closer::settle);
 }
 
 /// `gil_used = true`: the engine has not been run or tested on a free-threaded

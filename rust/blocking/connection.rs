@@ -14,7 +14,7 @@ use crate::blocking::writer::SocketWriter;
 use crate::bridge::address;
 use crate::bridge::buffer::RawBuffer;
 use crate::bridge::proxy::ProxyPolicy;
-use crate::bridge::wait::blocking;
+use crate::bridge::wait::{blocking, detached};
 use crate::error::Error;
 use crate::sys::descriptor::SocketCore;
 use crate::sys::syscall::{self, Mode};
@@ -80,7 +80,7 @@ impl Connection {
     /// the stdlib ignores them) and `close()`, in one GIL release.
     pub fn shutdown_and_close(&self, py: Python<'_>) {
         let core = &*self.core;
-        py.detach(|| {
+        detached(py, || {
             if let Ok(usage) = core.begin() {
                 // SAFETY: the descriptor is open while `usage` lives.
                 unsafe { libc::shutdown(usage.fd, libc::SHUT_WR) };
@@ -226,7 +226,7 @@ fn ancillary_to_python<'py>(py: Python<'py>, control: &[u8]) -> PyResult<Bound<'
     };
     build().inspect_err(|_| {
         let fds = received_fds(control, &items);
-        py.detach(move || drop(fds));
+        detached(py, move || drop(fds));
     })
 }
 
@@ -715,7 +715,7 @@ impl Connection {
     /// was closed itself before and no other such file is open (as `socket.socket`).
     fn _decref_socketios(&self, py: Python<'_>) {
         if self.core.drop_io_ref() {
-            py.detach(|| self.core.close_now());
+            detached(py, || self.core.close_now());
         }
     }
 
@@ -875,7 +875,7 @@ impl Connection {
     /// Close the connection; the descriptor itself closes once files made from it close.
     fn close(&self, py: Python<'_>) {
         if self.core.owner_close() {
-            py.detach(|| self.core.close_now());
+            detached(py, || self.core.close_now());
         }
     }
 

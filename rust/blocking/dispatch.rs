@@ -16,6 +16,7 @@
 use crate::blocking::connection::Connection;
 use crate::bridge::address;
 use crate::bridge::proxy::ProxyPolicy;
+use crate::bridge::wait::detached;
 use crate::error::{catch_panic, is_handled};
 use crate::sys::syscall::RawAddr;
 use pyo3::intern;
@@ -118,7 +119,7 @@ impl Dispatch {
             // Refused, or a signal handler raised: the connection is closed detached
             // (closing a TCP socket runs the peer's receive path on loopback).
             outcome => {
-                py.detach(move || drop(taken));
+                detached(py, move || drop(taken));
                 outcome.map(|_| None)
             }
         }

@@ -35,6 +35,7 @@
 //! its methods touch nothing and the Python side makes a new pool.
 
 use crate::blocking::dispatch::{Dispatch, Taken};
+use crate::bridge::wait::detached;
 use crate::error::catch_panic;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -123,6 +124,30 @@ impl Shared {
     }
 
     /// Wait (detached) on `done` until `until` holds, or the deadline passes.
+    /// [`Shared::wait_done`] from an attached caller (`server_close()` waiting for the
+    /// handlers): detached in slices of `CAPACITY_WAIT_SLICE`, running the signal
+    /// handlers between them, so that Ctrl-C ends the wait as it ends the stdlib's
+    /// `Thread.join()`. True once `until` holds, False at `deadline`.
+    fn wait_sliced(
+        &self,
+        py: Python<'_>,
+        deadline: Option<Instant>,
+        until: impl Fn(&PoolState) -> bool + Send + Sync,
+    ) -> PyResult<bool> {
+        loop {
+            let slice = Instant::now() + CAPACITY_WAIT_SLICE;
+            let slice = deadline.map_or(slice, |d| d.min(slice));
+            let done = detached(py, || self.wait_done(self.lock(), Some(slice), &until).1);
+            if done {
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return Ok(false);
+            }
+            py.check_signals()?;
+        }
+    }
+
     fn wait_done<'a>(
         &'a self,
         mut st: MutexGuard<'a, PoolState>,
@@ -259,7 +284,7 @@ impl Shared {
 fn worker(shared: Arc<Shared>) {
     let mut first = true;
     Python::attach(|py| loop {
-        let Some(job) = py.detach(|| shared.next_job(std::mem::take(&mut first))) else {
+        let Some(job) = detached(py, || shared.next_job(std::mem::take(&mut first))) else {
             break;
         };
         let tracked = job.tracked;
@@ -417,13 +442,15 @@ impl WorkerPool {
             // not wait for a busy handler). A handler that raises ends the wait before
             // the job is queued, so the caller still owns the request.
             let slice = Some(Instant::now() + CAPACITY_WAIT_SLICE);
-            py.detach(|| drop(shared.wait_done(shared.lock(), slice, has_room)));
+            detached(py, || {
+                drop(shared.wait_done(shared.lock(), slice, has_room))
+            });
             py.check_signals()?;
             st = shared.lock();
         }
         drop(st);
         let job = Job::new(Work::Call(func, args), tracked);
-        match py.detach(|| self.shared.push(job)) {
+        match detached(py, || self.shared.push(job)) {
             Ok(()) => Ok(()),
             Err(Refused::Closed(_)) => Err(PyRuntimeError::new_err(
                 "cannot submit to a closed WorkerPool",
@@ -447,7 +474,7 @@ impl WorkerPool {
         if shared.stale() {
             return Ok(true);
         }
-        Ok(py.detach(|| shared.wait_done(shared.lock(), until, |s| s.tracked == 0).1))
+        shared.wait_sliced(py, until, |s| s.tracked == 0)
     }
 
     /// Stop taking jobs; idle workers retire at once, busy ones after their job. Waits
@@ -459,12 +486,12 @@ impl WorkerPool {
         if shared.stale() {
             return Ok(true);
         }
-        Ok(py.detach(|| {
+        {
             let mut st = shared.lock();
             st.closing = true;
             shared.work.notify_all();
-            shared.wait_done(st, until, |s| s.threads == 0).1
-        }))
+        }
+        shared.wait_sliced(py, until, |s| s.threads == 0)
     }
 
     /// Tracked jobs not yet finished (what `server_close()` waits for).

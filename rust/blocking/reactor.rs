@@ -36,7 +36,7 @@ use crate::blocking::dispatch::{Dispatch, Taken};
 use crate::blocking::pool::{self, Job, Refused, Work, WorkerPool};
 use crate::bridge::address;
 use crate::bridge::proxy::ProxyPolicy;
-use crate::bridge::wait::{blocking, Held, Turn};
+use crate::bridge::wait::{blocking, detached, Held, Turn};
 use crate::error::{Error, Result};
 use crate::sys::syscall::{self, Mode, RawAddr};
 use mio::unix::SourceFd;
@@ -345,7 +345,7 @@ impl Reactor {
             self.restore_requested.store(false, Ordering::Release);
             if self.serving.load(Ordering::Acquire) == 0 && st.saved_flags.is_some() {
                 let st = &mut *st;
-                py.detach(|| self.restore_flags(st));
+                detached(py, || self.restore_flags(st));
             }
         }
     }
@@ -370,7 +370,7 @@ impl Reactor {
         let released = self.release(&mut st);
         {
             let st = &mut *st;
-            py.detach(move || {
+            detached(py, move || {
                 let saved = st.saved_flags.take();
                 if let (Some(flags), Some(fd)) = (saved, &released.listener) {
                     let _ = syscall::restore_flags(fd.as_raw_fd(), flags);
@@ -399,7 +399,7 @@ impl Reactor {
     fn wake_detached(&self, py: Python<'_>) {
         let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(waker) = waker {
-            let _ = py.detach(|| waker.wake());
+            let _ = detached(py, || waker.wake());
         }
     }
 
@@ -651,7 +651,7 @@ impl Reactor {
         self.wakes.fetch_add(1, Ordering::AcqRel);
         let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(waker) = waker {
-            py.detach(|| waker.wake()).map_err(Error::from)?;
+            detached(py, || waker.wake()).map_err(Error::from)?;
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 //! refuses further reads, as `socket.SocketIO` does.
 
 use crate::bridge::buffer::RawBuffer;
-use crate::bridge::wait::{blocking, lock};
+use crate::bridge::wait::{blocking, detached, lock};
 use crate::error::unsupported;
 use crate::sys::closer;
 use crate::sys::descriptor::SocketCore;
@@ -239,7 +239,7 @@ impl SocketReader {
         st.pos = 0;
         drop(st);
         if self.core.drop_io_ref() {
-            py.detach(|| self.core.close_now());
+            detached(py, || self.core.close_now());
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use crate::blocking::io::{send_all, CoreOf};
 use crate::bridge::buffer::RawBuffer;
-use crate::bridge::wait::lock;
+use crate::bridge::wait::{detached, lock};
 use crate::error::unsupported;
 use crate::sys::closer;
 use crate::sys::descriptor::SocketCore;
@@ -89,7 +89,7 @@ impl SocketWriter {
         st.closed = true;
         drop(st);
         if self.core.drop_io_ref() {
-            py.detach(|| self.core.close_now());
+            detached(py, || self.core.close_now());
         }
         flushed
     }

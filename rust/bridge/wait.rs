@@ -20,6 +20,11 @@
 //! - [`lock`], for a mutex that may be held across a wait: it never blocks while
 //!   attached (it waits detached, then tries again).
 //!
+//! Every crossing of the GIL in the engine goes through this module: [`blocking`] for a
+//! wait (it may last, so a signal must be able to end it) and [`detached`] for a single
+//! short release that no signal needs to interrupt. `grep detach rust/` finds them all
+//! here.
+//!
 //! Any other `Mutex` in the engine is held only for short sections that neither detach
 //! nor attach, which makes blocking on it while attached safe.
 
@@ -30,6 +35,8 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// Run `step` detached until it ends with anything but [`Error::Interrupted`], running
+/// the signal handlers attached between tries (see the module doc).
 pub fn blocking<T, F>(py: Python<'_>, mut step: F) -> PyResult<T>
 where
     F: FnMut() -> Result<T> + Send,
@@ -41,6 +48,14 @@ where
             other => return other.map_err(PyErr::from),
         }
     }
+}
+
+/// Run `f` once with the GIL released and hand back its result: for a close, a wake, a
+/// single system call that does not wait on a peer, or dropping owners whose destructors
+/// may block. Nothing here re-attaches on a signal, so a wait that can last goes through
+/// [`blocking`] instead.
+pub fn detached<T: Send, F: FnOnce() -> T + Send>(py: Python<'_>, f: F) -> T {
+    py.detach(f)
 }
 
 /// Lock `mutex` without ever blocking while attached: if another thread holds it (it

@@ -17,7 +17,7 @@
 
 use crate::bridge::address;
 use crate::bridge::buffer::RawBuffer;
-use crate::bridge::wait::lock;
+use crate::bridge::wait::{detached, lock};
 use crate::error::{catch_panic, is_handled, Error};
 use crate::evented::channel::Channel;
 use crate::evented::event_loop::EventLoop;
@@ -492,7 +492,7 @@ impl EventLoop {
                 // No connection object could be made (MemoryError, say): drop this
                 // client, free its slot, and report like any per-connection failure.
                 let poll = st.poll.as_ref();
-                py.detach(|| {
+                detached(py, || {
                     if let Some(poll) = poll {
                         let _ = poll.registry().deregister(&mut SourceFd(&fd));
                     }

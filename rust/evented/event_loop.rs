@@ -22,7 +22,7 @@
 //! detached, and the destructor hands what it owns to the closer.
 
 use crate::bridge::proxy::ProxyPolicy;
-use crate::bridge::wait::{blocking, lock};
+use crate::bridge::wait::{blocking, detached, lock};
 use crate::error::{catch_panic, Error};
 use crate::evented::channel::LoopShared;
 use crate::evented::io::{close_descriptors, end_endpoint, unclaimed_descriptors};
@@ -102,7 +102,7 @@ impl EventLoop {
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => {
                 if !self.forked() {
-                    let _ = py.detach(|| self.shared.wake());
+                    let _ = detached(py, || self.shared.wake());
                 }
                 if self.running_here() {
                     // A callback (or signal handler) of this loop's own round: the
@@ -361,7 +361,7 @@ impl EventLoop {
         // Nothing is deregistered: the poller goes now, and its registrations with it.
         // The listener's number may already be closed (or another socket's), and in a
         // forked child the epoll instance is the parent's, whose registrations stay.
-        py.detach(|| {
+        detached(py, || {
             close_descriptors(unclaimed, &mut conns);
             if let Some(ep) = datagram.as_ref() {
                 end_endpoint(ep);

@@ -9,7 +9,7 @@
 
 use crate::bridge::address;
 use crate::bridge::buffer::RawBuffer;
-use crate::bridge::wait::lock;
+use crate::bridge::wait::{detached, lock};
 use crate::evented::channel::{Channel, DEFAULT_HIGH_WATER};
 use crate::sys::syscall::RawAddr;
 use pyo3::exceptions::PyValueError;
@@ -80,7 +80,7 @@ impl TransportCore {
             return Ok(());
         }
         if self.kind == libc::SOCK_STREAM {
-            py.detach(|| self.send_queued());
+            detached(py, || self.send_queued());
         }
         let pause = self.chan.lock(py).pause_writing_due();
         if !pause {
@@ -144,7 +144,7 @@ impl TransportCore {
         if let Some(made) = lock(py, &self.socket).as_ref() {
             return Ok(Some(made.wrapper.clone_ref(py)));
         }
-        let Some(dup) = py.detach(|| self.duplicate())? else {
+        let Some(dup) = detached(py, || self.duplicate())? else {
             return Ok(None);
         };
         let socket = py.import("socket")?.getattr("socket")?;
@@ -309,7 +309,7 @@ impl BaseTransport {
         if queued == 0 || paused || core.kind != libc::SOCK_STREAM {
             return queued;
         }
-        py.detach(|| core.send_queued());
+        detached(py, || core.send_queued());
         core.chan.lock(py).pending()
     }
 
