@@ -590,20 +590,21 @@ impl Connection {
                     Some(l) => (l - total).min(1 << 30) as usize,
                     None => 1 << 30,
                 };
-                let err =
-                    match syscall::sendfile_chunk(usage.fd, file_fd.as_raw_fd(), &mut off, want) {
-                        Ok(0) => return Ok(()),
-                        Ok(n) => {
-                            total += n as u64;
-                            if mode == Mode::Blocking && limit.is_none_or(|l| total < l) {
-                                // Short on a blocking socket: a signal, or the end of the file.
-                                // Either way, run the signal handlers before going on.
-                                return Err(Error::Interrupted);
-                            }
-                            continue;
-                        }
-                        Err(err) => err,
-                    };
+                // SAFETY: both descriptors are open for the call; off is ours.
+                let n = unsafe { libc::sendfile(usage.fd, file_fd.as_raw_fd(), &mut off, want) };
+                if n > 0 {
+                    total += n as u64;
+                    if mode == Mode::Blocking && limit.is_none_or(|l| total < l) {
+                        // Short on a blocking socket: a signal, or the end of the file.
+                        // Either way, run the signal handlers before going on.
+                        return Err(Error::Interrupted);
+                    }
+                    continue;
+                }
+                if n == 0 {
+                    return Ok(());
+                }
+                let err = Error::last_os();
                 match (&err, mode) {
                     (Error::Os(libc::EAGAIN), Mode::Timeout(_)) => {
                         syscall::wait_fd(usage.fd, libc::POLLOUT, deadline)?
@@ -840,7 +841,6 @@ impl Connection {
     fn shutdown(&self, py: Python<'_>, how: i32) -> PyResult<()> {
         let usage = self.core.begin()?;
         // shutdown(2) runs the peer's TCP path: do it detached (ARCHITECTURE.md, The GIL rule).
-        // SAFETY: no memory is passed; the descriptor stays open while `usage` lives.
         let rc = py.detach(|| unsafe { libc::shutdown(usage.fd, how) });
         syscall::check(rc)?;
         Ok(())
