@@ -307,23 +307,28 @@ fn in_fresh_state(py: Python<'_>, job: impl FnOnce() -> PyResult<()>) -> PyResul
     // SAFETY: attached (the `py` token); the context is a new reference we own and
     // release, entered and exited on this thread.
     let context = unsafe { pyo3::ffi::PyContext_New() };
+    // SAFETY: attached; `context` was checked non-null just before.
     let entered = !context.is_null() && unsafe { pyo3::ffi::PyContext_Enter(context) } == 0;
     if !entered {
         // Without a context of its own the job still runs; say why not.
         PyErr::take(py).inspect(|err| err.print(py));
     }
     let outcome = job();
+    // SAFETY: attached, on the thread that entered `context` (only when `entered`).
     if entered && unsafe { pyo3::ffi::PyContext_Exit(context) } != 0 {
         // Only when the job left a context of its own entered (a misuse of the C API).
         PyErr::take(py).inspect(|err| err.print(py));
     }
     if !context.is_null() {
+        // SAFETY: attached; drops the one reference PyContext_New gave us, used no more.
         unsafe { pyo3::ffi::Py_DECREF(context) };
     }
     // SAFETY: attached; a borrowed reference to this thread's dictionary (or null).
     let dict = unsafe { pyo3::ffi::PyThreadState_GetDict() };
+    // SAFETY: attached; `dict` was checked non-null and is this thread's live dictionary.
     if !dict.is_null() && unsafe { pyo3::ffi::PyDict_Size(dict) } > 0 {
         // Destructors run here; what they raise goes to sys.unraisablehook.
+        // SAFETY: attached; the same live, non-null dictionary as just above.
         unsafe { pyo3::ffi::PyDict_Clear(dict) };
     }
     outcome

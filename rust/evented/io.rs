@@ -614,55 +614,27 @@ fn push_data(pending: &mut VecDeque<Event>, token: usize, start: usize, n: usize
 /// `MSG_PEEK | MSG_TRUNC` into an empty buffer (Linux then returns the datagram's real
 /// length). `EAGAIN` when none is queued.
 fn next_datagram_size(fd: RawFd) -> Result<usize> {
-    let mut byte = 0u8;
-    // SAFETY: a valid one-byte buffer, offered with length 0: the kernel writes nothing.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            0,
-            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(Error::last_os());
-    }
-    Ok(n as usize)
+    let mut byte = [0u8; 1];
+    // A real one-byte buffer offered with length 0: the kernel writes nothing.
+    // Mode::Blocking adds no flag of its own and returns the one call's result.
+    syscall::recv(
+        fd,
+        &mut byte[..0],
+        libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        Mode::Blocking,
+        None,
+    )
 }
 
 /// Receive one datagram into `buf` (appended, at most `max` bytes) with its source
 /// address.
 fn recv_datagram(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Result<Received> {
-    buf.reserve(max);
-    let len = buf.len();
-    let mut addr = RawAddr::empty();
-    let mut iov = libc::iovec {
-        // SAFETY: `reserve` made room for `max` bytes past `len`, so the pointer stays
-        // inside (or one past) the allocation.
-        iov_base: unsafe { buf.as_mut_ptr().add(len) }.cast(),
-        iov_len: max,
-    };
-    // SAFETY: msghdr is plain data, and all-zero is a valid one (no name, no control
-    // data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = addr.as_mut_ptr().cast();
-    msg.msg_namelen = addr.len;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    // SAFETY: msg points at the address storage and the one iovec above, all alive for
-    // the call; without MSG_TRUNC in the call's flags the kernel writes at most `max`.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(Error::last_os());
-    }
-    addr.len = msg.msg_namelen;
-    // SAFETY: the kernel wrote n <= max bytes at `len`, inside the reserved capacity,
-    // so the first `len + n` bytes are initialised.
-    unsafe { buf.set_len(len + n as usize) };
+    // Without MSG_TRUNC in the call's flags, `len` is what was appended.
+    let got = syscall::recvmsg_append(fd, buf, max, libc::MSG_DONTWAIT)?;
     Ok(Received {
-        len: n as usize,
-        from: addr,
-        cut: msg.msg_flags & libc::MSG_TRUNC != 0,
+        len: got.len,
+        from: got.addr,
+        cut: got.flags & libc::MSG_TRUNC != 0,
     })
 }
 

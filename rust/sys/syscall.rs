@@ -252,6 +252,25 @@ pub fn send_all(
     Ok(())
 }
 
+/// `sendfile(2)` once: at most `want` bytes of `in_fd` from `*off` to the socket
+/// `out_fd`, advancing `*off` by what went. 0 means the file ended; no retry on EINTR
+/// (reported as [`Error::Interrupted`]) or `EAGAIN`, which the caller handles.
+pub fn sendfile_chunk(
+    out_fd: RawFd,
+    in_fd: RawFd,
+    off: &mut libc::off_t,
+    want: usize,
+) -> Result<usize> {
+    // SAFETY: the only memory the kernel touches is `*off`, a valid `off_t` borrowed for
+    // the call; the descriptors are numbers the caller keeps open.
+    let n = unsafe { libc::sendfile(out_fd, in_fd, off, want) };
+    if n < 0 {
+        Err(Error::last_os())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// A raw socket address as the kernel fills it.
 #[derive(Clone, Copy)]
 pub struct RawAddr {
@@ -449,6 +468,29 @@ pub fn recvmsg(
         control_len: out.1.min(control.len()),
         addr,
     })
+}
+
+/// `recvmsg(2)` once, no ancillary data: one datagram of at most `max` bytes appended
+/// to `buf` (no zeroing), with `flags` as given (no waiting added or retried).
+/// `Received::len` is what was appended unless `flags` holds `MSG_TRUNC`.
+pub fn recvmsg_append(
+    fd: RawFd,
+    buf: &mut Vec<u8>,
+    max: usize,
+    flags: libc::c_int,
+) -> Result<Received> {
+    buf.reserve(max);
+    let len = buf.len();
+    // SAFETY: `reserve` made room for `max` bytes past `len`, valid for writes while
+    // `buf` is borrowed here, which outlives `iov`.
+    let iov = unsafe { IoVecs::new([(buf.as_mut_ptr().add(len), max)]) };
+    // Mode::Blocking adds no flag, and returns the first result or error as it is.
+    let got = recvmsg(fd, &iov, &mut [], flags, Mode::Blocking, None)?;
+    let n = got.len.min(max);
+    // SAFETY: the kernel wrote at most `max` bytes at `len` (n bytes without MSG_TRUNC),
+    // inside the reserved capacity, so the first `len + n` bytes are initialised.
+    unsafe { buf.set_len(len + n) };
+    Ok(got)
 }
 
 /// `sendmsg(2)` of `iov` with the ancillary data `control` (built by
