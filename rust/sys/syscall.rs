@@ -252,25 +252,6 @@ pub fn send_all(
     Ok(())
 }
 
-/// `sendfile(2)` once: at most `want` bytes of `in_fd` from `*off` to the socket
-/// `out_fd`, advancing `*off` by what went. 0 means the file ended; no retry on EINTR
-/// (reported as [`Error::Interrupted`]) or `EAGAIN`, which the caller handles.
-pub fn sendfile_chunk(
-    out_fd: RawFd,
-    in_fd: RawFd,
-    off: &mut libc::off_t,
-    want: usize,
-) -> Result<usize> {
-    // SAFETY: the only memory the kernel touches is `*off`, a valid `off_t` borrowed for
-    // the call; the descriptors are numbers the caller keeps open.
-    let n = unsafe { libc::sendfile(out_fd, in_fd, off, want) };
-    if n < 0 {
-        Err(Error::last_os())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// A raw socket address as the kernel fills it.
 #[derive(Clone, Copy)]
 pub struct RawAddr {
