@@ -71,6 +71,7 @@ class Workload:
     size: int = 64
     quick: bool = False
     quick_conns: int | None = None
+    work_us: float = 0  # pure-Python work per request in the handler (servers.py --work-us)
     servers: list[Server] = field(default_factory=list)
 
 
@@ -119,9 +120,23 @@ def udp_servers() -> list[Server]:
     return out
 
 
+def prefork_servers() -> list[Server]:
+    """Our blocking ThreadingTCPServer and protocol TCPServer under PreforkMixIn, 1 and 2 workers.
+
+    ``-w1`` is compared with the stdlib's ThreadingTCPServer, ``-w2`` with its own ``-w1``: the
+    ``x std`` column of a ``-w2`` row is the w2/w1 ratio."""
+    out: list[Server] = []
+    for name, impl in (("threading", "fss:ThreadingTCPServer"), ("protocol", "fss:protocol")):
+        out.append(Server(f"fss-{name}-w1", f"{impl}+w1", "stdlib ThreadingTCPServer", "fss"))
+        out.append(Server(f"fss-{name}-w2", f"{impl}+w2", f"fss-{name}-w1", "fss"))
+    return out
+
+
 def workloads() -> list[Workload]:
     tcp1 = stream_servers("tcp", sync=True, forking=True)
-    tcpn = stream_servers("tcp", sync=False, forking=True)
+    tcpn = stream_servers("tcp", sync=False, forking=True) + prefork_servers()
+    cpu_servers = [Server("stdlib ThreadingTCPServer", "stdlib:ThreadingTCPServer", "stdlib ThreadingTCPServer",
+                          "stdlib"), *prefork_servers()]
     return [
         Workload("tcp1-64", "TCP echo, 1 connection, 64 B", "tcp", "tcp", 1, 64, False, servers=tcp1),
         Workload("tcp32-64", "TCP echo, 32 connections, 64 B", "tcp", "tcp", 32, 64, True, servers=tcpn),
@@ -134,6 +149,8 @@ def workloads() -> list[Workload]:
                  servers=stream_servers("unix", sync=False, forking=True)),
         Workload("idle5000", "5,000 connections: one line each, then all stay open", "idle", "tcp", 5000, 64,
                  True, quick_conns=1000, servers=stream_servers("tcp", sync=False, forking=False)),
+        Workload("cpu32", "CPU-bound: ~200 us of Python per request, 32 connections, 64 B", "tcp", "tcp", 32, 64,
+                 False, work_us=200, servers=cpu_servers),
     ]
 
 
@@ -423,9 +440,12 @@ def run_one(wl: Workload, srv: Server, opt: Options) -> dict[str, Any]:
     else:
         address = "127.0.0.1:0"
     cmd = [sys.executable, str(SERVERS_PY), srv.impl, wl.transport, address, "--native-bin", str(opt.echo_server)]
+    if wl.work_us:
+        cmd += ["--work-us", str(wl.work_us)]
     if opt.pin:
         cmd += ["--cpus", opt.server_cpus]
-    server = ServerProcess(cmd, forking="Forking" in srv.impl)
+    # forking and pre-forked servers: their children's CPU, switches and PSS are counted
+    server = ServerProcess(cmd, forking="Forking" in srv.impl or "+w" in srv.impl)
     lg = None
     try:
         first = server.next_line(30.0)
@@ -753,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
           f"uvloop {m['uvloop']}; load average before {load_before}, after {doc['loadavg_after']}; "
           f"{'pinned: server on CPU ' + opt.server_cpus + ', load on CPU ' + opt.load_cpus if opt.pin else 'unpinned'}")
     print(table(rows, wls))
+    ratios = [(r["workload"], r["server"], r["x_rps"]) for r in rows
+              if r["server"].endswith("-w2") and r.get("x_rps") is not None]
+    if ratios:
+        print("\nw2/w1 (req/s of 2 pre-forked workers over 1; the issue's target on 2 cores: >= 1.8):")
+        for wk, sv, x in ratios:
+            print(f"  {wk:<9} {sv[:-3]:<16} {x:.2f}")
     notes = [(r["workload"], r["server"], n) for r in rows for n in r.get("notes", [])]
     if notes:
         print("\nnotes:")

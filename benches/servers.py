@@ -49,6 +49,40 @@ from typing import Any
 
 NOT_IMPLEMENTED = 3
 
+# ---------------------------------------------------------------------------------------------
+# The CPU-bound workload (--work-us): a fixed pure-Python loop per request line, calibrated once
+# at server start (before any fork) to take about that many microseconds.
+
+WORK_LOOPS = 0
+
+
+def burn(n: int | None = None) -> int:
+    x = 0
+    for i in range(WORK_LOOPS if n is None else n):
+        x = (x * 31 + i) & 0xFFFF
+    return x
+
+
+def calibrate(work_us: float) -> int:
+    """Loop count for about *work_us* microseconds of pure Python (best of several timings)."""
+    from time import perf_counter
+
+    n = 10000
+    best = min((lambda t0: (burn(n), perf_counter() - t0)[1])(perf_counter()) for _ in range(20))
+    return max(1, round(n * work_us * 1e-6 / best))
+
+
+#: Pre-forked workers (PreforkMixIn.workers) for impls suffixed "+wN"; 0: no PreforkMixIn.
+WORKERS = 0
+
+
+def with_workers(cls: type) -> type:
+    if not WORKERS:
+        return cls
+    from fastsocketserver import PreforkMixIn
+
+    return type("Prefork" + cls.__name__, (PreforkMixIn, cls), {"workers": WORKERS})
+
 
 # ---------------------------------------------------------------------------------------------
 # The handlers. One source for both socketserver modules: the class body is identical, only the
@@ -61,6 +95,8 @@ def handler_for(socketserver: Any, datagram: bool) -> type:
     class LineEcho(base):  # type: ignore[misc, valid-type]
         def handle(self) -> None:
             for line in self.rfile:
+                if WORK_LOOPS:
+                    burn()
                 self.wfile.write(line)
 
     return LineEcho
@@ -73,6 +109,9 @@ class EchoProtocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if WORK_LOOPS:
+            for _ in range(data.count(b"\n")):  # one unit of work per line, as LineEcho
+                burn()
         self.transport.write(data)
 
 
@@ -144,6 +183,8 @@ def show_address(transport: str, addr: Any) -> str:
 def serve_socketserver(module_name: str, class_name: str, transport: str, address: Any) -> None:
     socketserver = importlib.import_module(module_name)
     cls = getattr(socketserver, class_name)
+    if module_name == "fastsocketserver":
+        cls = with_workers(cls)
     if transport == "unix" and os.path.exists(address):
         os.unlink(address)
     server = cls(address, handler_for(socketserver, datagram=(transport == "udp")))
@@ -257,7 +298,7 @@ def serve_fss_protocol(transport: str, address: Any, native: bool = False) -> No
         not_implemented(f"fastsocketserver does not serve asyncio.Protocol handlers yet (issue 7): {first}")
     if transport == "unix" and os.path.exists(address):
         os.unlink(address)
-    server = cls(address, proto)
+    server = with_workers(cls)(address, proto)
     signal.signal(signal.SIGUSR1, report_rusage)
     announce(show_address(transport, server.server_address))
     with server:
@@ -279,7 +320,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("address")
     p.add_argument("--cpus", help="comma-separated CPUs to run on (sched_setaffinity)")
     p.add_argument("--native-bin", default=default_native_bin())
+    p.add_argument("--work-us", type=float, default=0,
+                   help="pure-Python work per request line, in microseconds (calibrated at start)")
     a = p.parse_args(argv)
+    global WORK_LOOPS, WORKERS
+    if a.work_us > 0:
+        WORK_LOOPS = calibrate(a.work_us)
+    impl, plus, w = a.impl.rpartition("+w")
+    if plus and w.isdigit():  # "fss:ThreadingTCPServer+w2": under PreforkMixIn with 2 workers
+        a.impl, WORKERS = impl, int(w)
 
     # A background process started from a non-interactive shell inherits SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
