@@ -181,3 +181,20 @@ impl From<crate::sys::syscall::BadTimeout> for PyErr {
         }
     }
 }
+
+pyo3::import_exception!(ssl, SSLError);
+
+/// The Python exception a bad TLS configuration raises: what
+/// `ssl.SSLContext.load_cert_chain` (and `load_verify_locations`,
+/// `set_alpn_protocols`) raise for the same mistake.
+impl From<crate::tls::config::ConfigError> for PyErr {
+    fn from(err: crate::tls::config::ConfigError) -> PyErr {
+        use crate::tls::config::ConfigError;
+        match err {
+            ConfigError::Missing { .. } => os_error(libc::ENOENT),
+            ConfigError::Unreadable { errno, .. } => os_error(errno),
+            ConfigError::BadArgument(what) => pyo3::exceptions::PyValueError::new_err(what),
+            other => SSLError::new_err(other.to_string()),
+        }
+    }
+}

@@ -7,12 +7,14 @@
 //! - [`bridge`]: every wait and GIL crossing, Python buffers and addresses, the serve loop;
 //! - [`blocking`]: the stdlib's `handle()` path (reactor, dispatch, pool, request, files);
 //! - [`evented`]: the `asyncio.Protocol` path (event loop, transports).
+//! - [`tls`]: TLS with rustls (in progress, not exposed to Python yet).
 
 pub mod blocking;
 pub mod bridge;
 pub mod error;
 pub mod evented;
 pub mod sys;
+pub mod tls;
 
 use pyo3::prelude::*;
 
