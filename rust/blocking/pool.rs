@@ -440,20 +440,9 @@ impl WorkerPool {
         }
         let max = shared.max_threads.unwrap_or(usize::MAX);
         let has_room = |s: &PoolState| s.busy < max || s.closing;
-        let mut st = shared.lock();
-        while !has_room(&st) {
-            drop(st);
-            // Wait in slices, running the signal handlers between them (Ctrl-C must
-            // not wait for a busy handler). A handler that raises ends the wait before
-            // the job is queued, so the caller still owns the request.
-            let slice = Some(Instant::now() + CAPACITY_WAIT_SLICE);
-            detached(py, || {
-                drop(shared.wait_done(shared.lock(), slice, has_room))
-            });
-            py.check_signals()?;
-            st = shared.lock();
-        }
-        drop(st);
+        // Ctrl-C must not wait for a busy handler: a signal handler that raises ends the
+        // wait before the job is queued, so the caller still owns the request.
+        shared.wait_sliced(py, None, has_room)?;
         let job = Job::new(Work::Call(func, args), tracked);
         match detached(py, || self.shared.push(job)) {
             Ok(()) => Ok(()),
